@@ -1,0 +1,5 @@
+import sys
+
+from editd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""`editd` command line.
+
+Each subcommand names its handler as "module:function" and imports it only when run, so
+`editd --help` and the light commands (publish, status) start without importing torch.
+A handler takes (args, settings) and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from editd.config import ConfigError, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML or TOML config file (see README).")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _add_kafka(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap-servers",
+        help="Comma-separated Kafka servers; default: the config's, else the embedded broker.",
+    )
+    p.add_argument("--topic", help="Fact topic (default from config: facts).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editd",
+        description="Keep a served Llama up to date with a Kafka stream of facts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        _add_common(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("run", "editd.daemon.main:run", "Run the daemon: consume, edit, serve, evaluate.")
+    _add_kafka(p)
+    p.add_argument("--data-dir", type=Path, help="Edit store directory.")
+    p.add_argument("--batch-size", type=int, help="Facts per edit batch.")
+    p.add_argument("--linger", type=float, help="Seconds to wait before editing a partial batch.")
+    p.add_argument("--model", type=Path, help="Local Hugging Face model directory.")
+    p.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one).")
+
+    p = command("broker", "editd.consumers.broker:main", "Run the embedded Kafka broker.")
+    p.add_argument("--port", type=int, help="Port on 127.0.0.1 (default kafka.embedded_port).")
+
+    p = command("publish", "editd.consumers.publish:main", "Publish facts to the fact topic.")
+    _add_kafka(p)
+    p.add_argument("file", help="JSON lines, a CounterFact JSON array, a zsRE JSON file, or -.")
+
+    p = command("checkpoints", "editd.store.cli:checkpoints", "List model versions.")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = command("rollback", "editd.store.cli:rollback", "Roll the model back to a version.")
+    p.add_argument("version", type=int)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--url", help="Admin API of a running daemon (default from serve.*).")
+
+    p = command("status", "editd.daemon.client:status", "Show the running daemon's state.")
+    p.add_argument("--url")
+    p.add_argument("--json", action="store_true")
+
+    p = command("eval", "editd.daemon.client:evaluate", "Evaluate the running daemon now.")
+    p.add_argument("--url")
+    p.add_argument("--json", action="store_true")
+
+    model = sub.add_parser("model", help="Build or evaluate the built-in model.")
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = command("build", "editd.world.build:main", "Train the built-in model.", msub)
+    p.add_argument("--out", type=Path, help="Output directory (default: the packaged model).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p = command("eval", "editd.world.evaluate:main", "Measure the built-in model.", msub)
+    p.add_argument("--model", type=Path, help="Model directory (default: built-in).")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, help="Score only this many facts per split.")
+
+    world = sub.add_parser("world", help="The synthetic world of facts.")
+    wsub = world.add_subparsers(dest="world_command", metavar="ACTION", required=True)
+    p = command("requests", "editd.world.requests:main", "Write counterfactual requests.", wsub)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="Output file (default: stdout).")
+
+    bench = sub.add_parser("bench", help="Benchmarks that print JSON.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    p = command("edit", "editd.bench.edit:main", "Sequential batched editing benchmark.", bsub)
+    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--edits", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", type=Path)
+    p.add_argument("--json", action="store_true")
+    p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
+    p.add_argument("--out", type=Path, default=Path("docs/study"))
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Map CLI flags onto the settings tree; unset flags are None and are dropped."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    servers = get("bootstrap_servers")
+    return {
+        "log_level": get("log_level"),
+        "kafka": {
+            "bootstrap_servers": servers.split(",") if servers else None,
+            "topic": get("topic"),
+            "batch_size": get("batch_size"),
+            "linger_seconds": get("linger"),
+        },
+        "store": {"data_dir": get("data_dir")},
+        "model": {"path": get("model") if args.command == "run" else None},
+        "serve": {"port": get("http_port")},
+    }
+
+
+def resolve(handler: str) -> Handler:
+    module, _, func = handler.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, **_overrides(args))
+    except ConfigError as exc:
+        print(f"editd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return resolve(args.handler)(args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

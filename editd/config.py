@@ -1,0 +1,203 @@
+"""One settings tree for the whole daemon.
+
+Precedence, highest first: explicit overrides (CLI flags) > `EDITD_*` environment variables
+(nested with `__`, e.g. `EDITD_KAFKA__BATCH_SIZE=64`) > the YAML/TOML config file > defaults.
+Each layer receives only its own section; nothing below the daemon reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Section(BaseModel):
+    # A misspelt key in a config file is an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: list[str] = Field(
+        default_factory=list,
+        description="Kafka bootstrap servers; empty starts the embedded broker on loopback.",
+    )
+    topic: str = "facts"
+    dlq_topic: str | None = Field(None, description="Dead-letter topic; default <topic>.dlq.")
+    rejected_topic: str | None = Field(
+        None, description="Facts of rolled-back versions; default <topic>.rejected."
+    )
+    group_id: str = "editd"
+    client_id: str = "editd"
+    batch_size: int = Field(32, gt=0, description="Facts per edit batch (one model version).")
+    linger_seconds: float = Field(
+        5.0, ge=0, description="Edit a partial batch once its oldest fact waited this long."
+    )
+    session_timeout_ms: int = Field(10_000, gt=0)
+    max_message_bytes: int = Field(1_000_000, gt=0)
+    embedded_port: int = Field(19092, gt=0, lt=65536, description="Port of the embedded broker.")
+    partitions: int = Field(1, gt=0, description="Partitions of topics the daemon creates.")
+
+    @property
+    def dlq(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+    @property
+    def rejected(self) -> str:
+        return self.rejected_topic or f"{self.topic}.rejected"
+
+
+class FactLimits(Section):
+    max_chars: int = Field(512, gt=0, description="Longest subject, prompt or object string.")
+    max_prompts: int = Field(32, ge=0, description="Most paraphrase or neighbourhood prompts.")
+
+
+class ModelSettings(Section):
+    path: Path | None = Field(
+        None, description="Local Hugging Face model directory; empty uses the built-in model."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    name: str = Field("editd-llama", description="Model name the HTTP API reports.")
+
+
+class EditingSettings(Section):
+    algo: Literal["memit", "emmet", "alphaedit"] = "emmet"
+    layers: list[int] | None = Field(
+        None, description="Edited layers; empty picks the early-middle MLPs of the model."
+    )
+    module_template: str = "model.layers.{}.mlp.down_proj"
+    mom2_weight: float = Field(
+        1.0e4, gt=0, description="λ: weight of the preserved key covariance C0."
+    )
+    stats_tokens: int | None = Field(
+        None, description="Token budget for C0; empty is 10 × d_in of the edited layer."
+    )
+    stats_corpus: Path | None = Field(
+        None, description="Text or JSONL corpus for C0; empty uses the built-in world corpus."
+    )
+    target_steps: int = Field(40, gt=0)
+    target_lr: float = Field(0.5, gt=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0)
+
+
+class EvalSettings(Section):
+    interval_seconds: float = Field(60.0, gt=0)
+    after_each_version: bool = True
+    sample_size: int = Field(64, gt=0, description="Applied facts re-scored per evaluation.")
+    probe_size: int = Field(64, gt=0, description="Facts that must not change.")
+    min_es: float = Field(0.8, ge=0, le=1)
+    min_ps: float = Field(0.5, ge=0, le=1)
+    min_ns: float = Field(0.7, ge=0, le=1)
+    min_s: float = Field(0.0, ge=0, le=1)
+    min_probe_ns: float = Field(0.8, ge=0, le=1)
+    failures_before_rollback: int = Field(1, gt=0)
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, lt=65536)
+    admin_token: SecretStr | None = None
+    max_prompt_chars: int = Field(4096, gt=0)
+    max_tokens: int = Field(256, gt=0)
+
+
+class StoreSettings(Section):
+    data_dir: Path = Path("editd-data")
+    snapshot_every: int = Field(10, gt=0)
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "editd_config_file", default=None
+)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the YAML or TOML file named by `load_settings`, below the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        return read_config_file(path) if path is not None else {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDITD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    facts: FactLimits = FactLimits()
+    model: ModelSettings = ModelSettings()
+    editing: EditingSettings = EditingSettings()
+    eval: EvalSettings = EvalSettings()
+    serve: ServeSettings = ServeSettings()
+    store: StoreSettings = StoreSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every offending key."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree; `overrides` are nested dicts (from CLI flags) and win."""
+    token = _config_file.set(path)
+    try:
+        return Settings(**_drop_none(overrides))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:
+    # A CLI flag left unset must not override the file or the environment.
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out
