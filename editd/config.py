@@ -97,6 +97,9 @@ class EvalSettings(Section):
     min_ns: float = Field(0.7, ge=0, le=1)
     min_s: float = Field(0.0, ge=0, le=1)
     min_probe_ns: float = Field(0.8, ge=0, le=1)
+    min_canary_ratio: float = Field(
+        0.9, ge=0, le=1, description="Minimum canary as a fraction of the base model's."
+    )
     failures_before_rollback: int = Field(1, gt=0)
 
 
