@@ -1,0 +1,391 @@
+"""Scoring a model on facts: continuation log-probabilities and the CounterFact metrics.
+
+Everything here reads the model and never changes it. An object is scored as the string that
+follows its prompt in running text, `prompt + " " + object`, tokenized the way the tokenizer
+splits that whole text; the prompt gets the tokenizer's own leading special tokens (BOS for
+Llama-3) exactly once. Batches are padded on the tokenizer's `padding_side` and every position
+is read through the attention mask, so left and right padding give the same numbers.
+
+CounterFact semantics (Meng et al., ROME/MEMIT): a fact's object is scored by the mean per-token
+log-probability of the whole object string. ES: the edit prompt prefers the new object over the
+true one; PS: the same over paraphrase prompts; NS: neighbourhood prompts (other subjects whose
+true object is this fact's old object) still prefer the true object. Per fact the share of its
+prompts that pass, then the mean over facts, as ROME's `summarize.py` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editd.facts import FactUpdate
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def join(prompt: str, obj: str) -> str:
+    """How an object follows its prompt in text: one space between them."""
+    return f"{prompt} {obj}"
+
+
+def render(prompt: str, subject: str) -> str:
+    """A prompt may be a template with `{}` for the subject, or already rendered."""
+    return prompt.format(subject) if "{}" in prompt else prompt
+
+
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Llama-3, none for GPT-2)."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str, prefix: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt (with `prefix` once) and of the continuation as it follows it.
+
+    The continuation's ids are the tail of the tokenization of the joined text when that text
+    tokenizes as prompt-then-continuation (byte-level BPE with a space-led word does); otherwise
+    the continuation is tokenized on its own, with its leading space.
+    """
+    if not continuation.strip():
+        raise ValueError("continuation is empty")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(join(prompt, continuation), add_special_tokens=False)["input_ids"]
+    if len(full_ids) > len(prompt_ids) and full_ids[: len(prompt_ids)] == prompt_ids:
+        cont_ids = full_ids[len(prompt_ids) :]
+    else:
+        cont_ids = tokenizer(" " + continuation, add_special_tokens=False)["input_ids"]
+    # A prompt that already starts with BOS text must not get a second one.
+    lead = list(prefix)
+    if lead and prompt_ids[: len(lead)] == lead:
+        lead = []
+    return lead + list(prompt_ids), list(cont_ids)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    logprobs: torch.Tensor  # (n_cont,) float32, CPU
+    top1: torch.Tensor  # (n_cont,) bool: the token is the argmax at its position
+
+
+@torch.no_grad()
+def score_ids(
+    model: PreTrainedModel,
+    prefixes: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    padding_side: str = "right",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[_Scored]:
+    """Teacher-forced log-probability and top-1 flag of each target token after its prefix."""
+    if len(prefixes) != len(targets):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[_Scored] = []
+    try:
+        # Sorting by length keeps padding (and wasted compute) small; results go back in order.
+        order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(targets[i]))
+        results: dict[int, _Scored] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            results.update(
+                zip(
+                    chunk,
+                    _score_batch(
+                        model,
+                        [prefixes[i] for i in chunk],
+                        [targets[i] for i in chunk],
+                        pad_id,
+                        padding_side,
+                        device,
+                    ),
+                    strict=True,
+                )
+            )
+        out = [results[i] for i in range(len(prefixes))]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _score_batch(
+    model: PreTrainedModel,
+    prefixes: list[Sequence[int]],
+    targets: list[Sequence[int]],
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+) -> list[_Scored]:
+    for p, t in zip(prefixes, targets, strict=True):
+        if not p or not t:
+            raise ValueError("every sequence needs a non-empty prefix and target")
+    # The last target token is only predicted, never fed.
+    seqs = [list(p) + list(t[:-1]) for p, t in zip(prefixes, targets, strict=True)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for row, seq in enumerate(seqs):
+        off = width - len(seq) if padding_side == "left" else 0
+        ids[row, off : off + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, off : off + len(seq)] = 1
+        offsets.append(off)
+    # Positions count real tokens only, so RoPE sees the same positions whichever side is padded.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=False,
+    ).logits  # (batch, width, vocab)
+    out = []
+    for row, (p, t) in enumerate(zip(prefixes, targets, strict=True)):
+        # Token t[j] is predicted at the position of the token before it.
+        first = offsets[row] + len(p) - 1
+        sel = logits[row, first : first + len(t)].float()  # (n_cont, vocab)
+        target = torch.tensor(list(t), dtype=torch.long, device=sel.device)
+        logp = sel.log_softmax(-1).gather(-1, target[:, None])[:, 0]
+        top1 = sel.argmax(-1) == target
+        out.append(_Scored(logprobs=logp.cpu(), top1=top1.cpu()))
+    return out
+
+
+def _score_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int,
+) -> list[_Scored]:
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    prefix = leading_special_ids(tokenizer)
+    encoded = [
+        encode_pair(tokenizer, p, c, prefix) for p, c in zip(prompts, continuations, strict=True)
+    ]
+    return score_ids(
+        model,
+        [e[0] for e in encoded],
+        [e[1] for e in encoded],
+        pad_id=_pad_id(tokenizer),
+        padding_side=getattr(tokenizer, "padding_side", "right") or "right",
+        batch_size=batch_size,
+    )
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    # Any id works: padded positions are masked out and never read.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def continuation_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities (float32, CPU) of each continuation after its prompt."""
+    return [s.logprobs for s in _score_pairs(model, tokenizer, prompts, continuations, batch_size)]
+
+
+def greedy_match(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[bool]:
+    """Whether each continuation is the model's greedy completion: every token is the argmax."""
+    scored = _score_pairs(model, tokenizer, prompts, continuations, batch_size)
+    return [bool(s.top1.all()) for s in scored]
+
+
+def canary_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    objects: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> float:
+    """Share of (prompt, object) pairs the model completes greedily with the object."""
+    if not prompts:
+        raise ValueError("no canary prompts")
+    hits = greedy_match(model, tokenizer, prompts, objects, batch_size)
+    return sum(hits) / len(hits)
+
+
+def heldout_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 16,
+) -> float:
+    """Token-level perplexity over texts; each text's first token is given, the rest predicted.
+
+    A tokenizer that adds BOS gets every real token predicted; one that does not loses the first
+    token of each text, as is usual for such models.
+    """
+    lead = leading_special_ids(tokenizer)
+    prefixes, targets = [], []
+    for text in texts:
+        ids = lead + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= 2:
+            prefixes.append(ids[:1])
+            targets.append(ids[1:])
+    if not targets:
+        raise ValueError("no text with at least two tokens")
+    scored = score_ids(
+        model,
+        prefixes,
+        targets,
+        pad_id=_pad_id(tokenizer),
+        padding_side=getattr(tokenizer, "padding_side", "right") or "right",
+        batch_size=batch_size,
+    )
+    nll = -sum(float(s.logprobs.double().sum()) for s in scored)
+    count = sum(len(s.logprobs) for s in scored)
+    return math.exp(nll / count)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Edit quality over a set of facts; NaN where a component had no prompts.
+
+    es/ps/ns: probability-ordering success (new over true; true over new for ns).
+    *_magnitude: mean P(new) − P(true) (P(true) − P(new) for ns), P = exp(mean token logp).
+    """
+
+    es: float
+    ps: float
+    ns: float
+    s: float
+    es_magnitude: float
+    ps_magnitude: float
+    ns_magnitude: float
+    facts: int
+    skipped: int
+    edit_prompts: int
+    paraphrase_prompts: int
+    neighborhood_prompts: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of the defined (non-NaN) values; 0 if any is 0, NaN if none is defined."""
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return math.nan
+    if any(v <= 0 for v in defined):
+        return 0.0
+    return len(defined) / sum(1 / v for v in defined)
+
+
+@dataclass(frozen=True)
+class FactLogprobs:
+    """Mean per-token log-probabilities of the new and true object on one fact's prompts."""
+
+    edit: tuple[tuple[float, float], ...]  # ((new, true), ...) per prompt
+    paraphrase: tuple[tuple[float, float], ...]
+    neighborhood: tuple[tuple[float, float], ...]
+
+
+def summarize(facts: Sequence[FactLogprobs], skipped: int = 0) -> Scores:
+    """The CounterFact metrics from per-prompt mean log-probabilities (pure)."""
+
+    def part(
+        pairs_per_fact: list[tuple[tuple[float, float], ...]], keep_true: bool
+    ) -> tuple[float, float, int]:
+        success, magnitude, prompts = [], [], 0
+        for pairs in pairs_per_fact:
+            if not pairs:
+                continue
+            prompts += len(pairs)
+            sign = -1.0 if keep_true else 1.0
+            success.append(sum((sign * (n - t)) > 0 for n, t in pairs) / len(pairs))
+            magnitude.append(sum(sign * (math.exp(n) - math.exp(t)) for n, t in pairs) / len(pairs))
+        if not success:
+            return math.nan, math.nan, 0
+        return sum(success) / len(success), sum(magnitude) / len(magnitude), prompts
+
+    es, es_m, n_e = part([f.edit for f in facts], keep_true=False)
+    ps, ps_m, n_p = part([f.paraphrase for f in facts], keep_true=False)
+    ns, ns_m, n_n = part([f.neighborhood for f in facts], keep_true=True)
+    return Scores(
+        es=es,
+        ps=ps,
+        ns=ns,
+        s=harmonic_mean([es, ps, ns]),
+        es_magnitude=es_m,
+        ps_magnitude=ps_m,
+        ns_magnitude=ns_m,
+        facts=len(facts),
+        skipped=skipped,
+        edit_prompts=n_e,
+        paraphrase_prompts=n_p,
+        neighborhood_prompts=n_n,
+    )
+
+
+def score_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[FactUpdate],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Scores:
+    """ES/PS/NS/S of the model on facts; facts without `target_true` are skipped and counted."""
+    usable = [f for f in facts if f.target_true is not None]
+    prompts: list[str] = []
+    objects: list[str] = []
+    # (fact index, kind) per prompt, in the order the prompts were queued.
+    where: list[tuple[int, str]] = []
+    for i, fact in enumerate(usable):
+        groups = (
+            ("edit", [fact.rendered_prompt]),
+            ("paraphrase", [render(p, fact.subject) for p in fact.paraphrase_prompts]),
+            # Neighbourhood prompts are about other subjects, so they come rendered.
+            ("neighborhood", list(fact.neighborhood_prompts)),
+        )
+        for kind, kind_prompts in groups:
+            for prompt in kind_prompts:
+                prompts += [prompt, prompt]
+                objects += [fact.target_new, fact.target_true]
+                where.append((i, kind))
+    logps = continuation_logprobs(model, tokenizer, prompts, objects, batch_size)
+    per_fact: list[dict[str, list[tuple[float, float]]]] = [
+        {"edit": [], "paraphrase": [], "neighborhood": []} for _ in usable
+    ]
+    for j, (i, kind) in enumerate(where):
+        new, true = logps[2 * j], logps[2 * j + 1]
+        per_fact[i][kind].append((float(new.mean()), float(true.mean())))
+    return summarize(
+        [
+            FactLogprobs(
+                edit=tuple(d["edit"]),
+                paraphrase=tuple(d["paraphrase"]),
+                neighborhood=tuple(d["neighborhood"]),
+            )
+            for d in per_fact
+        ],
+        skipped=len(facts) - len(usable),
+    )
