@@ -1,0 +1,274 @@
+"""Every Prometheus metric editd exports, in one place.
+
+All metrics live on one `Metrics` object built against a `CollectorRegistry`, so the daemon
+serves exactly its own registry on `/metrics` and each test builds a fresh one and reads it
+back with `registry.get_sample_value`. Names follow the Prometheus conventions: namespace
+`editd`, base units in the name (`_seconds`), counters end in `_total`, and no label ever
+carries a per-fact value (ids, subjects, prompts) — label values come from small fixed sets.
+
+The dashboard (`deploy/grafana/dashboards/editd.json`) and the alert rules
+(`deploy/prometheus/rules.yml`) refer only to names defined here; a test checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from time import perf_counter
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "editd"
+
+# Label values, fixed sets (the only values the daemon may use).
+SETS = ("applied", "probe")
+SCORES = ("es", "ps", "ns", "s")
+STAGES = ("stats", "keys", "targets", "solve", "apply")
+EVALUATION_OUTCOMES = ("passed", "failed", "error")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+# One edit batch takes from a fraction of a second (a few facts on the built-in model) to tens
+# of minutes (thousands of facts on an 8B model with a cold C0); buckets span 0.1 s .. 30 min.
+EDIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+# Stages are shorter than whole batches (apply is a tensor add), so the range starts lower.
+STAGE_BUCKETS = (0.001, 0.01, 0.05, *EDIT_BUCKETS)
+# Evaluations score a few hundred prompts: seconds on the built-in model, minutes on 8B.
+EVAL_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# HTTP latency: a /livez probe takes microseconds, a long completion tens of seconds.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# The swap holds the write lock only for the tensor copies: microseconds to tens of ms.
+SWAP_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1)
+
+
+class ScoreSet(Protocol):
+    """What the exporter reads from a score result (`editd.editing.scoring.Scores`)."""
+
+    @property
+    def es(self) -> float: ...
+    @property
+    def ps(self) -> float: ...
+    @property
+    def ns(self) -> float: ...
+    @property
+    def s(self) -> float: ...
+
+
+def status_class(status_code: int) -> str:
+    """`404` -> `"4xx"`: the `status` label keeps five values whatever the server answers."""
+    return f"{max(1, min(5, status_code // 100))}xx"
+
+
+class Metrics:
+    """The daemon's metrics. Build one per process (or per test) with its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Never the global default registry: two daemons in one test process must not clash.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        # Ingestion (consumers/).
+        self.facts_consumed = Counter(
+            "facts_consumed",
+            "Fact records read from the fact topic, valid or not.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.facts_dead_lettered = Counter(
+            "facts_dead_lettered",
+            "Records that failed validation and went to the dead-letter topic.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.facts_applied = Counter(
+            "facts_applied",
+            "Facts written into the model in a durable version.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.facts_rejected = Counter(
+            "facts_rejected",
+            "Facts of rolled-back versions published to the rejected topic.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "consumer_lag",
+            "Records behind the partitions' high-water marks, summed over assigned partitions.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
+        # Editing (editing/ via daemon/).
+        self.batch_edit_seconds = Histogram(
+            "batch_edit_seconds",
+            "Wall time to compute and apply one batch's update (one version).",
+            namespace=NAMESPACE,
+            buckets=EDIT_BUCKETS,
+            registry=r,
+        )
+        self.edit_stage_seconds = Histogram(
+            "edit_stage_seconds",
+            "Wall time of one stage of a batch edit.",
+            ["stage"],
+            namespace=NAMESPACE,
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "model_version",
+            "Model version being served (0 = base model).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.swap_pause_seconds = Histogram(
+            "swap_pause_seconds",
+            "Time requests were held back while a version's weights were swapped in.",
+            namespace=NAMESPACE,
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+
+        # Evaluation and rollback (monitoring/).
+        self.score = Gauge(
+            "score",
+            "Edit quality of the last evaluation (CounterFact ES/PS/NS and S, 0..1).",
+            ["set", "score"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.score_drift = Gauge(
+            "score_drift",
+            "Score minus the base model's score on the same facts.",
+            ["set", "score"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.score_threshold = Gauge(
+            "score_threshold",
+            "Minimum score the rollback policy accepts (0 = not checked).",
+            ["set", "score"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.canary = Gauge(
+            "canary",
+            "General-ability canary of the last evaluation (held-out accuracy, 0..1).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.canary_drift = Gauge(
+            "canary_drift",
+            "Canary minus the base model's canary.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.canary_threshold = Gauge(
+            "canary_threshold",
+            "Minimum canary the rollback policy accepts (0 = not checked).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.evaluated_version = Gauge(
+            "evaluated_version",
+            "Model version the last evaluation scored.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.last_evaluation_timestamp_seconds = Gauge(
+            "last_evaluation_timestamp_seconds",
+            "Unix time at which the last evaluation finished.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.evaluation_seconds = Histogram(
+            "evaluation_seconds",
+            "Wall time of one evaluation.",
+            namespace=NAMESPACE,
+            buckets=EVAL_BUCKETS,
+            registry=r,
+        )
+        self.evaluations = Counter(
+            "evaluations",
+            "Evaluations run, by outcome (passed, failed the policy, error).",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "rollbacks",
+            "Rollbacks performed, by reason (a failed policy check, or operator).",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
+        # Serving (daemon/ HTTP API).
+        self.http_request_seconds = Histogram(
+            "http_request_seconds",
+            "HTTP request latency, by route template and status class.",
+            ["route", "status"],
+            namespace=NAMESPACE,
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "prompt_tokens",
+            "Prompt tokens read by completion requests.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "generated_tokens",
+            "Tokens generated by completion requests.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
+        # Labelled series appear only once touched; create the fixed ones now so dashboards and
+        # alerts see a 0 instead of "no data" before the first edit or evaluation.
+        for stage in STAGES:
+            self.edit_stage_seconds.labels(stage=stage)
+        for outcome in EVALUATION_OUTCOMES:
+            self.evaluations.labels(outcome=outcome)
+
+    @contextmanager
+    def time_stage(self, stage: str) -> Iterator[None]:
+        """Observe the wall time of one edit stage (`stage` is one of STAGES)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown edit stage {stage!r}; expected one of {STAGES}")
+        start = perf_counter()
+        try:
+            yield
+        finally:
+            self.edit_stage_seconds.labels(stage=stage).observe(perf_counter() - start)
+
+    def observe_request(self, route: str, status_code: int, seconds: float) -> None:
+        """`route` is the route template (`/v1/completions`), never the raw URL."""
+        self.http_request_seconds.labels(route=route, status=status_class(status_code)).observe(
+            seconds
+        )
+
+    def set_scores(self, set_name: str, scores: ScoreSet, base: ScoreSet | None = None) -> None:
+        """Export one set's scores and, when the base model's are known, their drift."""
+        if set_name not in SETS:
+            raise ValueError(f"unknown score set {set_name!r}; expected one of {SETS}")
+        for name in SCORES:
+            value = float(getattr(scores, name))
+            self.score.labels(set=set_name, score=name).set(value)
+            if base is not None:
+                drift = value - float(getattr(base, name))
+                self.score_drift.labels(set=set_name, score=name).set(drift)
+
+    def set_canary(self, value: float, base: float | None = None) -> None:
+        self.canary.set(value)
+        if base is not None:
+            self.canary_drift.set(value - base)
+
+    def set_thresholds(self, minimums: dict[str, dict[str, float]], canary: float) -> None:
+        """Export the policy's minimums, so dashboards draw them and alerts compare to them."""
+        for set_name in SETS:
+            for name in SCORES:
+                value = minimums.get(set_name, {}).get(name, 0.0)
+                self.score_threshold.labels(set=set_name, score=name).set(value)
+        self.canary_threshold.set(canary)
