@@ -1,0 +1,899 @@
+"""The versioned edit store: every batch a durable version, every version restorable bit for bit.
+
+Layout under `data_dir` (DESIGN.md §4):
+
+    CURRENT                          the live version number; moving it is the commit point
+    LOCK                             flock'ed by the one process that writes (the daemon)
+    base/base.safetensors            base values of the edited tensors, exact dtype, kept once
+    versions/000000/manifest.json    version 0: the base model (sha256 of its tensors)
+    versions/000007/update.safetensors   `<module>.left|right|keys`, float32
+    versions/000007/manifest.json    parent, facts, offsets, timings, diagnostics, state, sha256
+    snapshots/000010.safetensors     accumulated float32 update D_v every `snapshot_every` versions
+
+The set of edited modules is fixed when the store is created: every manifest then fingerprints
+the same tensors, so any two versions compare. A daemon restarted with other layers, another
+model or another dtype is refused with a `StoreMismatch` naming the difference (start a new data
+dir for it) rather than silently mixing two bases.
+
+Crash safety. A version is written into `versions/.tmp-000007/` (each file fsynced, then the
+directory), renamed to `versions/000007`, and becomes live only when `CURRENT` is replaced
+(temp, fsync, rename, directory fsync). A crash leaves `CURRENT` at v−1 or at v. On open, temp
+files are removed, and a version directory outside the live lineage that is not marked undone
+(a commit that never reached `CURRENT`) is deleted; a rollback that crashed after marking
+versions undone but before moving `CURRENT` is reverted (the marks are cleared).
+
+Exactness. D_v = D_{v−1} + left_v @ right_v, each product expanded by `weights.lowrank_product`
+from the stored float32 factors in a fixed order, so D_v has the same bits whether it is rebuilt
+from the base or from a snapshot, on any machine. The served weight is
+`weights.served_weight(base, D_v)`, the formula the model handle uses too; each manifest records
+its sha256, and a rollback is checked against it.
+
+Nothing is ever unpickled: tensors are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from editd.editing.types import EditUpdate
+from editd.store.weights import accumulate, served_weight, tensor_sha256
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+STATE_COMMITTED = "committed"
+STATE_UNDONE = "undone"
+
+_VERSION_DIR = re.compile(r"^\d{6}$")
+_UPDATE_FILE = "update.safetensors"
+_MANIFEST_FILE = "manifest.json"
+
+
+class StoreError(RuntimeError):
+    """The edit store cannot do what was asked; the message says why."""
+
+
+class StoreNotFound(StoreError):
+    """No edit store exists at the data dir yet."""
+
+
+class StoreLocked(StoreError):
+    """Another process (normally the running daemon) holds the store for writing."""
+
+
+class StoreMismatch(StoreError):
+    """The tensors offered as the base are not those the store was created with."""
+
+
+class StoreCorrupt(StoreError):
+    """A committed file is missing or unreadable: the store needs an operator."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version as listed by `EditStore.versions()` and returned by `commit`."""
+
+    version: int
+    parent: int | None
+    created: str
+    n_facts: int
+    state: str  # "committed" (in the live lineage) or "undone"
+    current: bool
+    scores: dict[str, Any] | None = None
+    undone_reason: str | None = None
+    rejected_pending: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "parent": self.parent,
+            "created": self.created,
+            "facts": self.n_facts,
+            "state": self.state,
+            "current": self.current,
+            "scores": self.scores,
+            "undone_reason": self.undone_reason,
+            "rejected_pending": self.rejected_pending,
+        }
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Facts of one undone version still to be published to the rejected topic."""
+
+    version: int
+    to_version: int
+    reason: str
+    facts: list[dict[str, Any]]
+
+
+class EditStore:
+    """A journal of edit versions under one directory, with exact rollback.
+
+    Usage (the daemon):
+
+        store = EditStore(settings.store.data_dir, snapshot_every=settings.store.snapshot_every)
+        store.open_or_create(base)          # base: {module name: weight as served at version 0}
+        handle.set_deltas(store.deltas())   # restore CURRENT
+        ...
+        info = store.commit(update, facts, offsets, timings, diagnostics)
+        handle.set_deltas(store.deltas())
+
+    Commit the version before applying it to the served model, so that a served version always
+    exists on disk. Always apply `store.deltas()` (not a product computed elsewhere): its bits
+    are what the manifests fingerprint. One process writes (`readonly=False` takes an exclusive
+    flock); readers (`editd checkpoints`) open with `readonly=True`. Methods are thread-safe.
+    """
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], snapshot_every: int = 10, *, readonly: bool = False
+    ) -> None:
+        if snapshot_every <= 0:
+            raise ValueError("snapshot_every must be positive")
+        self.root = Path(data_dir)
+        self.snapshot_every = snapshot_every
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        self._opened = False
+        self._current = 0
+        self._max_version = 0
+        self._manifests: dict[int, dict[str, Any]] = {}
+        self._base: dict[str, torch.Tensor] | None = None
+        self._base_meta: dict[str, dict[str, Any]] = {}
+        # D of one version (normally the head), so a commit adds one product, not a replay.
+        self._delta_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def _versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def _snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def _base_file(self) -> Path:
+        return self.root / "base" / "base.safetensors"
+
+    def _version_dir(self, version: int) -> Path:
+        return self._versions_dir / f"{version:06d}"
+
+    def _snapshot_file(self, version: int) -> Path:
+        return self._snapshots_dir / f"{version:06d}.safetensors"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def exists(self) -> bool:
+        return (self.root / "CURRENT").is_file()
+
+    def create(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Start a new store whose version 0 is `base` (the edited tensors, as served)."""
+        with self._lock:
+            if self.readonly:
+                raise StoreError("a read-only store cannot be created")
+            if not base:
+                raise ValueError("base must name at least one tensor")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+            if self.exists():
+                raise StoreError(f"an edit store already exists at {self.root}")
+            tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in base.items()}
+            meta = {
+                name: {
+                    "shape": list(t.shape),
+                    "dtype": _dtype_name(t.dtype),
+                    "sha256": tensor_sha256(t),
+                }
+                for name, t in sorted(tensors.items())
+            }
+            self._base_file.parent.mkdir(parents=True, exist_ok=True)
+            _write_safetensors(
+                self._base_file, tensors, {"format": str(FORMAT), "modules": json.dumps(meta)}
+            )
+            manifest = {
+                "format": FORMAT,
+                "version": 0,
+                "parent": None,
+                "created": _now(),
+                "state": STATE_COMMITTED,
+                "fact_ids": [],
+                "facts": [],
+                "offsets": {},
+                "timings": {},
+                "diagnostics": {},
+                "modules": {},
+                "sha256": {name: m["sha256"] for name, m in meta.items()},
+                "scores": None,
+            }
+            self._write_version_dir(0, manifest, update=None)
+            _write_bytes(self.root / "CURRENT", b"0\n")
+            self._opened = True
+            self._base, self._base_meta = tensors, meta
+            self._current, self._max_version = 0, 0
+            self._manifests = {0: manifest}
+            self._delta_cache = (0, {})
+            log.info("created edit store at %s for %d tensors", self.root, len(tensors))
+
+    def open(self, base: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Open an existing store, recover from an interrupted commit or rollback, and, when
+        `base` is given, check that it is exactly the store's base (names, dtypes, bits)."""
+        with self._lock:
+            if not self.exists():
+                raise StoreNotFound(f"no edit store at {self.root}")
+            if not self.readonly:
+                self._acquire()
+                self._remove_temporaries()
+            self._base_meta = self._read_base_meta()
+            self._base = None
+            self._load_manifests()
+            self._opened = True
+            self._delta_cache = (0, {}) if self._current == 0 else None
+            if base is not None:
+                self._check_base(base)
+
+    def open_or_create(self, base: Mapping[str, torch.Tensor]) -> bool:
+        """Open the store checking `base`, or create it from `base`; True when created."""
+        with self._lock:
+            if self.exists():
+                self.open(base)
+                return False
+            self.create(base)
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._opened = False
+            self._base = None
+            self._delta_cache = None
+
+    def __enter__(self) -> EditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def current(self) -> int:
+        """The live version."""
+        self._require_open()
+        return self._current
+
+    @property
+    def module_names(self) -> list[str]:
+        self._require_open()
+        return sorted(self._base_meta)
+
+    def base_sha256(self) -> dict[str, str]:
+        self._require_open()
+        return {name: m["sha256"] for name, m in self._base_meta.items()}
+
+    def manifest(self, version: int | None = None) -> dict[str, Any]:
+        """A copy of a version's manifest (live or undone)."""
+        with self._lock:
+            self._require_open()
+            v = self._current if version is None else version
+            if v not in self._manifests:
+                raise KeyError(f"no version {v}")
+            return json.loads(json.dumps(self._manifests[v]))
+
+    def lineage(self, version: int | None = None) -> list[int]:
+        """Versions from 0 to `version` (default: the live one) along parent links."""
+        with self._lock:
+            self._require_open()
+            v: int | None = self._current if version is None else version
+            chain: list[int] = []
+            while v is not None:
+                if v not in self._manifests:
+                    raise KeyError(f"no version {v}")
+                chain.append(v)
+                v = self._manifests[v]["parent"]
+            return chain[::-1]
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version on disk, oldest first, undone ones included."""
+        with self._lock:
+            self._require_open()
+            return [self._info(v) for v in sorted(self._manifests)]
+
+    def expected_sha256(self, version: int | None = None) -> dict[str, str]:
+        """sha256 of every edited tensor as served at `version`, from its manifest."""
+        return dict(self.manifest(version)["sha256"])
+
+    def applied_fact_ids(self) -> set[str]:
+        """Ids of the facts in the live lineage: a replayed batch is recognised by these."""
+        with self._lock:
+            return {f for v in self.lineage() for f in self._manifests[v]["fact_ids"]}
+
+    def committed_offsets(self) -> dict[str, int]:
+        """Per "topic/partition", the next offset after everything any version consumed.
+
+        Undone versions count too: their facts were consumed and went to the rejected topic, so
+        a restart must not read them again as new facts.
+        """
+        with self._lock:
+            self._require_open()
+            out: dict[str, int] = {}
+            for manifest in self._manifests.values():
+                for key, offset in manifest["offsets"].items():
+                    out[key] = max(out.get(key, offset), offset)
+            return out
+
+    def keys_by_version(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """The keys (d_in, b) of every version in the live lineage, oldest first: the editor
+        rebuilds its preservation matrix from them after a rollback or a restart."""
+        with self._lock:
+            out = []
+            for v in self.lineage()[1:]:
+                out.append((v, self._read_update(v, parts=("keys",))["keys"]))
+            return out
+
+    def pending_rejections(self) -> list[Rejection]:
+        """Undone versions whose facts are not yet on the rejected topic, oldest first."""
+        with self._lock:
+            self._require_open()
+            out = []
+            for v in sorted(self._manifests):
+                m = self._manifests[v]
+                if m["state"] == STATE_UNDONE and m.get("rejected_pending"):
+                    undone = m["undone"]
+                    out.append(Rejection(v, undone["to_version"], undone["reason"], m["facts"]))
+            return out
+
+    # ------------------------------------------------------------------ tensors
+
+    def deltas(
+        self, version: int | None = None, *, use_snapshots: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """D_v: the accumulated float32 update (CPU) of each module edited up to `version`.
+
+        Modules no version of the lineage touched are absent (they serve the base).
+        """
+        with self._lock:
+            self._require_open()
+            v = self._current if version is None else version
+            if use_snapshots and self._delta_cache is not None and self._delta_cache[0] == v:
+                return {n: d.clone() for n, d in self._delta_cache[1].items()}
+            chain = self.lineage(v)
+            start, acc = 0, {}
+            if use_snapshots:
+                for u in reversed(chain[1:]):
+                    snap = self._read_snapshot(u)
+                    if snap is not None:
+                        start, acc = u, snap
+                        break
+            for u in chain[chain.index(start) + 1 :]:
+                update = self._read_update(u, parts=("left", "right"))
+                for name in sorted(update["left"]):
+                    acc[name] = accumulate(
+                        acc.get(name), update["left"][name], update["right"][name]
+                    )
+            if use_snapshots and v == self._current:
+                self._delta_cache = (v, {n: d.clone() for n, d in acc.items()})
+            return acc
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """The base tensors (CPU, exact dtype). Treat as read-only."""
+        with self._lock:
+            self._require_open()
+            if self._base is None:
+                with safe_open(self._base_file, framework="pt") as f:
+                    self._base = {name: f.get_tensor(name) for name in self._base_meta}
+            return self._base
+
+    def served(self, version: int | None = None) -> dict[str, torch.Tensor]:
+        """Every edited tensor as served at `version`, in the base dtype, on the CPU."""
+        with self._lock:
+            base = self.base()
+            deltas = self.deltas(version)
+            return {
+                name: served_weight(t, deltas[name]) if name in deltas else t.clone()
+                for name, t in base.items()
+            }
+
+    def verify(self, version: int | None = None) -> list[str]:
+        """Rebuild `version` from disk; the names whose sha256 differ from its manifest."""
+        expected = self.expected_sha256(version)
+        served = self.served(version)
+        return sorted(n for n, t in served.items() if tensor_sha256(t) != expected.get(n))
+
+    # ------------------------------------------------------------------ writes
+
+    def commit(
+        self,
+        update: EditUpdate,
+        facts: Sequence[Mapping[str, Any] | Any],
+        offsets: Mapping[Any, int],
+        timings: Mapping[str, float] | None = None,
+        diagnostics: Mapping[str, Any] | None = None,
+    ) -> VersionInfo:
+        """Write `update` as a new version on top of the live one and make it live, atomically.
+
+        `facts` are fact dicts (or pydantic models) with an "id"; `offsets` maps
+        "topic/partition" (or (topic, partition) / TopicPartition) to the next offset to read.
+        A fact already in the live lineage is refused: applying it twice is a bug upstream.
+        Returns once the version is durable.
+        """
+        with self._lock:
+            self._require_writable()
+            fact_dicts = [_fact_dict(f) for f in facts]
+            fact_ids = [str(f["id"]) for f in fact_dicts]
+            if len(set(fact_ids)) != len(fact_ids):
+                raise ValueError("a batch names the same fact id twice")
+            already = self.applied_fact_ids().intersection(fact_ids)
+            if already:
+                raise ValueError(f"facts already applied: {sorted(already)[:5]}")
+            tensors, modules = self._check_update(update)
+
+            parent = self._current
+            version = self._max_version + 1
+            previous = self.deltas(parent)
+            new = dict(previous)
+            for name in sorted(modules):
+                new[name] = accumulate(
+                    previous.get(name), tensors[f"{name}.left"], tensors[f"{name}.right"]
+                )
+            base = self.base()
+            sha = {
+                name: tensor_sha256(served_weight(t, new[name]) if name in new else t)
+                for name, t in sorted(base.items())
+            }
+            manifest = {
+                "format": FORMAT,
+                "version": version,
+                "parent": parent,
+                "created": _now(),
+                "state": STATE_COMMITTED,
+                "fact_ids": fact_ids,
+                "facts": fact_dicts,
+                "offsets": _offset_dict(offsets),
+                "timings": _jsonable(dict(timings or {})),
+                "diagnostics": _jsonable({**update.diagnostics, **(diagnostics or {})}),
+                "modules": modules,
+                "sha256": sha,
+                "scores": None,
+            }
+            self._write_version_dir(version, manifest, update=tensors)
+            self._max_version = version
+            _write_bytes(self.root / "CURRENT", f"{version}\n".encode())
+            self._current = version
+            self._manifests[version] = manifest
+            self._delta_cache = (version, new)
+            if (len(self.lineage(version)) - 1) % self.snapshot_every == 0:
+                self._write_snapshot(version, new)
+            return self._info(version)
+
+    def rollback(self, to_version: int, reason: str) -> list[dict[str, Any]]:
+        """Make `to_version` (an ancestor of the live version) live again.
+
+        The versions after it are kept on disk, marked undone with `reason`, and flagged
+        `rejected_pending` until `mark_rejections_published` is called for them. Returns their
+        facts, oldest version first: the caller publishes them to the rejected topic.
+        """
+        with self._lock:
+            self._require_writable()
+            chain = self.lineage()
+            if to_version not in chain:
+                state = self._manifests.get(to_version, {}).get("state")
+                why = "is undone" if state == STATE_UNDONE else "does not exist"
+                raise StoreError(f"cannot roll back to version {to_version}: it {why}")
+            undone = chain[chain.index(to_version) + 1 :]
+            if not undone:
+                return []
+            at = _now()
+            for v in reversed(undone):
+                m = dict(self._manifests[v])
+                m["state"] = STATE_UNDONE
+                m["undone"] = {
+                    "at": at,
+                    "reason": reason,
+                    "to_version": to_version,
+                    "from_version": self._current,
+                }
+                m["rejected_pending"] = bool(m["facts"])
+                self._write_manifest(v, m)
+                self._manifests[v] = m
+            _write_bytes(self.root / "CURRENT", f"{to_version}\n".encode())
+            log.warning("rolled back from version %d to %d: %s", self._current, to_version, reason)
+            self._current = to_version
+            self._delta_cache = None
+            return [f for v in undone for f in self._manifests[v]["facts"]]
+
+    def mark_rejections_published(self, versions: Iterable[int]) -> None:
+        """Record that the facts of these undone versions are on the rejected topic."""
+        with self._lock:
+            self._require_writable()
+            for v in versions:
+                m = dict(self._manifests[v])
+                if m["state"] != STATE_UNDONE or not m.get("rejected_pending"):
+                    continue
+                m["rejected_pending"] = False
+                m["rejected_published"] = _now()
+                self._write_manifest(v, m)
+                self._manifests[v] = m
+
+    def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
+        """Store an evaluation's scores in a version's manifest (atomically replaced)."""
+        with self._lock:
+            self._require_writable()
+            if version not in self._manifests:
+                raise KeyError(f"no version {version}")
+            m = dict(self._manifests[version])
+            m["scores"] = _jsonable(dict(scores))
+            m["scored"] = _now()
+            self._write_manifest(version, m)
+            self._manifests[version] = m
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise StoreError("the edit store is not open")
+
+    def _require_writable(self) -> None:
+        self._require_open()
+        if self.readonly:
+            raise StoreError("the edit store was opened read-only")
+
+    def _acquire(self) -> None:
+        if self._lock_fd is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                f"the edit store at {self.root} is in use by another process (a running daemon?)"
+            ) from None
+        self._lock_fd = fd
+
+    def _info(self, v: int) -> VersionInfo:
+        m = self._manifests[v]
+        return VersionInfo(
+            version=v,
+            parent=m["parent"],
+            created=m["created"],
+            n_facts=len(m["fact_ids"]),
+            state=m["state"],
+            current=v == self._current,
+            scores=m.get("scores"),
+            undone_reason=(m.get("undone") or {}).get("reason"),
+            rejected_pending=bool(m.get("rejected_pending")),
+        )
+
+    def _read_base_meta(self) -> dict[str, dict[str, Any]]:
+        try:
+            with safe_open(self._base_file, framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["modules"])
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            raise StoreCorrupt(f"cannot read the base tensors {self._base_file}: {exc}") from exc
+        return meta
+
+    def _check_base(self, base: Mapping[str, torch.Tensor]) -> None:
+        stored, given = set(self._base_meta), set(base)
+        if stored != given:
+            raise StoreMismatch(
+                f"the store at {self.root} edits {sorted(stored)}, the model offers "
+                f"{sorted(given)}; use the same edited layers or a new data dir"
+            )
+        for name, t in base.items():
+            meta = self._base_meta[name]
+            if list(t.shape) != meta["shape"] or _dtype_name(t.dtype) != meta["dtype"]:
+                raise StoreMismatch(
+                    f"{name}: the store holds {meta['dtype']}{meta['shape']}, the model "
+                    f"{_dtype_name(t.dtype)}{list(t.shape)}; load the model with the same dtype"
+                )
+            if tensor_sha256(t) != meta["sha256"]:
+                raise StoreMismatch(
+                    f"{name}: the model's weight differs from the store's base; it is another "
+                    f"checkpoint (or an already edited one): use a new data dir"
+                )
+
+    def _remove_temporaries(self) -> None:
+        for parent in (self.root, self._versions_dir, self._snapshots_dir, self._base_file.parent):
+            if not parent.is_dir():
+                continue
+            subdirs = [p for p in parent.iterdir() if parent == self._versions_dir and p.is_dir()]
+            for path in [*parent.iterdir(), *(f for d in subdirs for f in d.iterdir())]:
+                if path.name.startswith(".tmp-"):
+                    log.warning("removing %s left by an interrupted write", path)
+                    _remove(path)
+
+    def _load_manifests(self) -> None:
+        try:
+            current = int((self.root / "CURRENT").read_text().strip())
+        except ValueError as exc:
+            raise StoreCorrupt(f"{self.root / 'CURRENT'} does not hold a version: {exc}") from exc
+        manifests: dict[int, dict[str, Any]] = {}
+        max_version = 0
+        for vdir in sorted(self._versions_dir.iterdir()):
+            if not _VERSION_DIR.match(vdir.name):
+                continue
+            v = int(vdir.name)
+            try:
+                m = json.loads((vdir / _MANIFEST_FILE).read_text(encoding="utf-8"))
+                if m.get("version") != v:
+                    raise ValueError(f"manifest names version {m.get('version')}")
+            except (OSError, ValueError) as exc:
+                self._discard(v, f"no valid manifest ({exc})")
+                continue
+            manifests[v] = m
+            max_version = max(max_version, v)
+        if current not in manifests:
+            raise StoreCorrupt(f"CURRENT names version {current}, which has no valid manifest")
+        live: set[int] = set()
+        v: int | None = current
+        while v is not None:
+            if v not in manifests:
+                raise StoreCorrupt(f"version {current} descends from missing version {v}")
+            live.add(v)
+            v = manifests[v]["parent"]
+        for v, m in sorted(manifests.items()):
+            if v in live and m["state"] == STATE_UNDONE:
+                # A rollback marked it but crashed before moving CURRENT: the rollback did not
+                # happen, and nobody was told it did.
+                m = {k: val for k, val in m.items() if k not in ("undone", "rejected_pending")}
+                m["state"] = STATE_COMMITTED
+                if not self.readonly:
+                    log.warning("version %d: reverting an interrupted rollback", v)
+                    self._write_manifest(v, m)
+                manifests[v] = m
+            elif v not in live and m["state"] != STATE_UNDONE:
+                # Written but never made live: the commit was interrupted before CURRENT moved.
+                del manifests[v]
+                self._discard(v, "its commit did not complete")
+        self._manifests, self._current = manifests, current
+        self._max_version = max(max_version, current)
+
+    def _discard(self, version: int, why: str) -> None:
+        if self.readonly:
+            return
+        log.warning("removing version %d: %s", version, why)
+        _remove(self._version_dir(version))
+        _remove(self._snapshot_file(version))
+        _fsync_dir(self._versions_dir)
+
+    def _check_update(
+        self, update: EditUpdate
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, Any]] = {}
+        for name, layer in sorted(update.layers.items()):
+            if name not in self._base_meta:
+                raise StoreMismatch(
+                    f"the update edits {name}, which is not among the store's modules "
+                    f"{sorted(self._base_meta)}"
+                )
+            d_out, d_in = self._base_meta[name]["shape"]
+            left, right, keys = (_f32(x) for x in (layer.left, layer.right, layer.keys))
+            if (
+                left.dim() != 2
+                or right.dim() != 2
+                or keys.dim() != 2
+                or left.shape[0] != d_out
+                or right.shape[1] != d_in
+                or left.shape[1] != right.shape[0]
+                or keys.shape[0] != d_in
+            ):
+                raise ValueError(
+                    f"{name}: left {tuple(left.shape)}, right {tuple(right.shape)}, keys "
+                    f"{tuple(keys.shape)} do not fit a ({d_out}, {d_in}) weight"
+                )
+            for part, t in (("left", left), ("right", right), ("keys", keys)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name}.{part} holds NaN or infinite values")
+                tensors[f"{name}.{part}"] = t
+            modules[name] = {"rank": left.shape[1], "keys": keys.shape[1]}
+        return tensors, modules
+
+    def _write_version_dir(
+        self, version: int, manifest: dict[str, Any], update: dict[str, torch.Tensor] | None
+    ) -> None:
+        self._versions_dir.mkdir(parents=True, exist_ok=True)
+        final = self._version_dir(version)
+        if final.exists():
+            raise StoreCorrupt(f"{final} exists but is not a known version")
+        tmp = self._versions_dir / f".tmp-{version:06d}-{os.getpid()}"
+        _remove(tmp)
+        tmp.mkdir()
+        if update is not None:
+            save_file(update, tmp / _UPDATE_FILE, metadata={"format": str(FORMAT)})
+            _fsync_file(tmp / _UPDATE_FILE)
+        _write_plain(tmp / _MANIFEST_FILE, _dump(manifest))
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self._versions_dir)
+
+    def _write_manifest(self, version: int, manifest: dict[str, Any]) -> None:
+        _write_bytes(self._version_dir(version) / _MANIFEST_FILE, _dump(manifest))
+
+    def _read_update(
+        self, version: int, parts: Sequence[str]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        path = self._version_dir(version) / _UPDATE_FILE
+        out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    name, _, part = key.rpartition(".")
+                    if part in out:
+                        out[part][name] = f.get_tensor(key)
+        except OSError as exc:
+            raise StoreCorrupt(f"version {version}: cannot read {path}: {exc}") from exc
+        return out
+
+    def _write_snapshot(self, version: int, deltas: dict[str, torch.Tensor]) -> None:
+        # An optimisation (bounds replay on open), so a failure is logged, not raised: the
+        # version itself is already durable.
+        try:
+            self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+            meta = {
+                "format": str(FORMAT),
+                "version": str(version),
+                "parent": str(self._manifests[version]["parent"]),
+            }
+            _write_safetensors(
+                self._snapshot_file(version), {n: d.contiguous() for n, d in deltas.items()}, meta
+            )
+        except OSError:
+            log.exception("could not write the snapshot of version %d", version)
+
+    def _read_snapshot(self, version: int) -> dict[str, torch.Tensor] | None:
+        path = self._snapshot_file(version)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("version") != str(version) or meta.get("parent") != str(
+                    self._manifests[version]["parent"]
+                ):
+                    log.warning("ignoring snapshot %s: it belongs to another version", path)
+                    return None
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except OSError as exc:
+            log.warning("ignoring unreadable snapshot %s: %s", path, exc)
+            return None
+
+
+# ---------------------------------------------------------------------- durable files
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_plain(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: temp, fsync, rename, fsync dir."""
+    tmp = _tmp_name(path)
+    _write_plain(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tmp = _tmp_name(path)
+    save_file(tensors, tmp, metadata=meta)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------- values
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def _fact_dict(fact: Mapping[str, Any] | Any) -> dict[str, Any]:
+    if hasattr(fact, "model_dump"):
+        fact = fact.model_dump(mode="json")
+    if not isinstance(fact, Mapping) or not fact.get("id"):
+        raise ValueError(f"a fact must be a mapping with an id, got {fact!r:.200}")
+    return _jsonable(dict(fact))
+
+
+def _offset_dict(offsets: Mapping[Any, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, offset in offsets.items():
+        if isinstance(key, str):
+            name = key
+        elif isinstance(key, tuple) and len(key) == 2:
+            name = f"{key[0]}/{key[1]}"
+        elif hasattr(key, "topic") and hasattr(key, "partition"):
+            name = f"{key.topic}/{key.partition}"
+        else:
+            raise ValueError(f"cannot name the partition {key!r}")
+        out[name] = int(offset)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Diagnostics come from the math: tensors, numpy scalars, NaN. Make them strict JSON."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a manifest")
