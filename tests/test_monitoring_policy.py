@@ -63,9 +63,10 @@ def m(version: int, applied: S | None = GOOD, probe: S = PROBE, canary: float | 
         # no baseline yet: the relative canary check cannot run
         (m(3, canary=0.1), None, []),
         (m(3, canary=None), BASE, []),
-        # a broken model (NaN scores) fails every check it meets
-        (m(3, applied=S(*[float("nan")] * 4)), BASE, ["applied_es", "applied_ps", "applied_ns"]),
-        (m(3, canary=float("nan")), BASE, ["canary"]),
+        # NaN = no prompts of that kind (facts without paraphrases): nothing to judge
+        (m(3, applied=S(0.9, float("nan"), 0.9, 0.9)), BASE, []),
+        (m(3, applied=S(0.1, float("nan"), 0.9, 0.18)), BASE, ["applied_es"]),
+        (m(3, canary=float("nan")), BASE, []),
     ],
 )
 def test_check(measurement: Measurement, baseline: Baseline | None, expected: list[str]) -> None:

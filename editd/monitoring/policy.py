@@ -8,8 +8,10 @@ tested with tables of cases (tests/test_monitoring_policy.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from editd.config import EvalSettings
 from editd.monitoring.metrics import SCORES, ScoreSet
@@ -112,6 +114,33 @@ class Evaluation:
     def passed(self) -> bool:
         return not self.failures
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes None): for `editd eval`, `editd status` and the logs."""
+        m = self.measurement
+        return {
+            "version": m.version,
+            "passed": self.passed,
+            "failures": [
+                {"check": f.check, "value": _num(f.value), "minimum": f.minimum}
+                for f in self.failures
+            ],
+            "applied": _scores_dict(m.applied),
+            "probe": _scores_dict(m.probe),
+            "canary": _num(m.canary),
+            "finished_at": self.finished_at,
+            "seconds": self.seconds,
+        }
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _scores_dict(scores: ScoreSet | None) -> dict[str, float | None] | None:
+    if scores is None:
+        return None
+    return {name: _num(getattr(scores, name)) for name in SCORES}
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -134,12 +163,14 @@ def check(
             continue
         for name, minimum in thresholds.as_dict().items():
             value = float(getattr(scores, name))
-            # A NaN score (a broken model) fails every check it meets.
-            if minimum > 0 and not value >= minimum:
+            # NaN means the facts had no prompts of this kind (the scorer's convention): there
+            # is nothing to judge. A broken model yields low scores, not NaN.
+            if minimum > 0 and not math.isnan(value) and value < minimum:
                 failures.append(Failure(f"{set_name}_{name}", value, minimum))
     canary_min = policy.canary_minimum(baseline.canary if baseline else None)
-    if measurement.canary is not None and canary_min > 0 and not measurement.canary >= canary_min:
-        failures.append(Failure("canary", measurement.canary, canary_min))
+    canary = measurement.canary
+    if canary is not None and canary_min > 0 and not math.isnan(canary) and canary < canary_min:
+        failures.append(Failure("canary", canary, canary_min))
     return tuple(failures)
 
 
