@@ -55,6 +55,9 @@ class KafkaSettings(Section):
 class FactLimits(Section):
     max_chars: int = Field(512, gt=0, description="Longest subject, prompt or object string.")
     max_prompts: int = Field(32, ge=0, description="Most paraphrase or neighbourhood prompts.")
+    max_bytes: int = Field(
+        65_536, gt=0, description="Largest encoded fact record; larger ones are dead-lettered."
+    )
 
 
 class ModelSettings(Section):

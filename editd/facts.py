@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from editd.config import FactLimits
 
 SCHEMA_VERSION = 1
 
@@ -34,6 +38,9 @@ class FactUpdate(BaseModel):
             raise ValueError(f"unsupported schema_version {self.schema_version}")
         if self.prompt.count("{}") != 1:
             raise ValueError("prompt must contain exactly one '{}' placeholder for the subject")
+        if "{" in self.prompt.replace("{}", "", 1) or "}" in self.prompt.replace("{}", "", 1):
+            # str.format would fail on them in the editor, long after the record was accepted.
+            raise ValueError("prompt has braces besides its one '{}' placeholder")
         if not self.target_new.strip():
             raise ValueError("target_new is blank")
         if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
@@ -63,3 +70,187 @@ def content_id(fact: FactUpdate) -> str:
         [fact.subject, fact.prompt, fact.target_new], ensure_ascii=False, separators=(",", ":")
     )
     return "f-" + hashlib.sha256(body.encode("utf-8")).hexdigest()[:24]
+
+
+class FactError(ValueError):
+    """A record that cannot become a `FactUpdate`.
+
+    `reason` is one line for an operator: it becomes the dead-letter record's `error` header
+    and the publisher's rejection summary, so it names the field or the limit at fault.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_fact(raw: bytes | None, limits: FactLimits) -> FactUpdate:
+    """Decode one topic record (UTF-8 JSON) into a fact, enforcing `limits`.
+
+    Native fact records, CounterFact records and zsRE records are all accepted, recognised by
+    their keys, so a producer can replay a benchmark file onto the topic as it is.
+    """
+    if raw is None:
+        raise FactError("empty record: no value (tombstone)")
+    if len(raw) > limits.max_bytes:
+        raise FactError(f"message too large: {len(raw)} bytes > facts.max_bytes={limits.max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FactError(f"bad encoding: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FactError(f"bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    return fact_from_record(record, limits)
+
+
+def fact_from_record(record: Any, limits: FactLimits | None = None) -> FactUpdate:
+    """A decoded JSON value (native, CounterFact or zsRE) as a validated fact."""
+    if not isinstance(record, Mapping):
+        raise FactError(f"schema error: expected a JSON object, got {_json_type(record)}")
+    if "requested_rewrite" in record:
+        fact = from_counterfact(record)
+    elif "src" in record and "alt" in record:
+        fact = from_zsre(record)
+    else:
+        fact = _validate(record)
+    if limits is not None:
+        check_limits(fact, limits)
+    return fact
+
+
+def check_limits(fact: FactUpdate, limits: FactLimits) -> None:
+    """Raise `FactError` if a string is longer than `max_chars` or a list exceeds `max_prompts`."""
+    strings: list[tuple[str, str | None]] = [
+        ("subject", fact.subject),
+        ("prompt", fact.prompt),
+        ("target_new", fact.target_new),
+        ("target_true", fact.target_true),
+    ]
+    for name in ("paraphrase_prompts", "neighborhood_prompts"):
+        prompts: tuple[str, ...] = getattr(fact, name)
+        if len(prompts) > limits.max_prompts:
+            raise FactError(
+                f"too many prompts: {name} has {len(prompts)} > facts.max_prompts="
+                f"{limits.max_prompts}"
+            )
+        strings.extend((f"{name}[{i}]", p) for i, p in enumerate(prompts))
+    for name, value in strings:
+        if value is not None and len(value) > limits.max_chars:
+            raise FactError(
+                f"too long: {name} has {len(value)} characters > facts.max_chars={limits.max_chars}"
+            )
+
+
+def from_counterfact(record: Mapping[str, Any]) -> FactUpdate:
+    """A CounterFact record (`case_id`, `requested_rewrite`, paraphrase/neighbourhood prompts).
+
+    CounterFact's paraphrase and neighbourhood prompts are full texts, not templates, which is
+    how `FactUpdate` holds them too. The id is `cf-<case_id>` so the same case re-published from
+    the dataset folds into one fact.
+    """
+    rewrite = record.get("requested_rewrite")
+    if not isinstance(rewrite, Mapping):
+        raise FactError(
+            f"schema error: requested_rewrite: expected an object, got {_json_type(rewrite)}"
+        )
+    fields: dict[str, Any] = {
+        "subject": _string(rewrite, "subject", "requested_rewrite.subject"),
+        "prompt": _string(rewrite, "prompt", "requested_rewrite.prompt"),
+        "target_new": _target(rewrite, "target_new"),
+        "paraphrase_prompts": _strings(record, "paraphrase_prompts"),
+        "neighborhood_prompts": _strings(record, "neighborhood_prompts"),
+    }
+    if rewrite.get("target_true") is not None:
+        fields["target_true"] = _target(rewrite, "target_true")
+    case_id = record.get("case_id")
+    if case_id is not None:
+        if isinstance(case_id, bool) or not isinstance(case_id, int | str):
+            raise FactError(f"schema error: case_id: expected an integer or string: {case_id!r}")
+        fields["id"] = f"cf-{case_id}"
+    return _validate(fields)
+
+
+def from_zsre(record: Mapping[str, Any]) -> FactUpdate:
+    """A zsRE record (`subject`, `src`, `alt`, `answers`, `rephrase`, `loc`, `loc_ans`).
+
+    zsRE prompts are questions that contain the subject; the template replaces its first
+    occurrence with {}. `alt` is the new answer and `answers[0]` the true one, as in the
+    counterfactual setting of CounterFact. `loc`/`loc_ans` are not carried: a neighbourhood
+    prompt of a `FactUpdate` is scored against `target_true`, while zsRE's locality question
+    has an unrelated answer of its own, so it would measure nothing meaningful.
+    """
+    subject = _string(record, "subject", "subject")
+    src = _string(record, "src", "src")
+    if subject not in src:
+        raise FactError(f"schema error: src: the subject {subject!r} does not occur in {src!r}")
+    answers = record.get("answers")
+    fields: dict[str, Any] = {
+        "subject": subject,
+        "prompt": src.replace(subject, "{}", 1),
+        "target_new": _string(record, "alt", "alt"),
+    }
+    if answers is not None:
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise FactError("schema error: answers: expected a list of strings")
+        if answers:
+            fields["target_true"] = answers[0]
+    rephrase = record.get("rephrase")
+    if rephrase is not None:
+        if isinstance(rephrase, str):
+            rephrase = [rephrase]
+        fields["paraphrase_prompts"] = _strings({"rephrase": rephrase}, "rephrase")
+    return _validate(fields)
+
+
+def _validate(fields: Mapping[str, Any]) -> FactUpdate:
+    try:
+        return FactUpdate.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise FactError("schema error: " + _describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _string(obj: Mapping[str, Any], key: str, path: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        found = "missing" if key not in obj else f"expected a string, got {_json_type(value)}"
+        raise FactError(f"schema error: {path}: {found}")
+    return value
+
+
+def _target(rewrite: Mapping[str, Any], key: str) -> str:
+    # CounterFact nests objects as {"str": ..., "id": wikidata id}; a bare string is accepted too.
+    value = rewrite.get(key)
+    if isinstance(value, Mapping):
+        return _string(value, "str", f"requested_rewrite.{key}.str")
+    return _string(rewrite, key, f"requested_rewrite.{key}")
+
+
+def _strings(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise FactError(f"schema error: {key}: expected a list of strings, got {_json_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise FactError(f"schema error: {key}[{i}]: expected a string, got {_json_type(item)}")
+    return tuple(value)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "number" if isinstance(value, int | float) else type(value).__name__

