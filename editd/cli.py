@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int)
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--url", help="Admin API of a running daemon (default from serve.*).")
+    p.add_argument("--reason", help="Why; sent with the undone facts to <topic>.rejected.")
 
     p = command("status", "editd.daemon.client:status", "Show the running daemon's state.")
     p.add_argument("--url")
