@@ -347,19 +347,24 @@ def summarize(facts: Sequence[FactLogprobs], skipped: int = 0) -> Scores:
     )
 
 
-def score_facts(
+def fact_logprobs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     facts: Sequence[FactUpdate],
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> Scores:
-    """ES/PS/NS/S of the model on facts; facts without `target_true` are skipped and counted."""
-    usable = [f for f in facts if f.target_true is not None]
+) -> list[FactLogprobs]:
+    """Mean log-probabilities of new and true object on each fact's prompts.
+
+    Facts without `target_true` cannot be scored and must be filtered out by the caller.
+    """
+    if any(f.target_true is None for f in facts):
+        raise ValueError("every fact needs target_true to be scored")
     prompts: list[str] = []
     objects: list[str] = []
     # (fact index, kind) per prompt, in the order the prompts were queued.
     where: list[tuple[int, str]] = []
-    for i, fact in enumerate(usable):
+    for i, fact in enumerate(facts):
+        assert fact.target_true is not None
         groups = (
             ("edit", [fact.rendered_prompt]),
             ("paraphrase", [render(p, fact.subject) for p in fact.paraphrase_prompts]),
@@ -373,19 +378,29 @@ def score_facts(
                 where.append((i, kind))
     logps = continuation_logprobs(model, tokenizer, prompts, objects, batch_size)
     per_fact: list[dict[str, list[tuple[float, float]]]] = [
-        {"edit": [], "paraphrase": [], "neighborhood": []} for _ in usable
+        {"edit": [], "paraphrase": [], "neighborhood": []} for _ in facts
     ]
     for j, (i, kind) in enumerate(where):
         new, true = logps[2 * j], logps[2 * j + 1]
         per_fact[i][kind].append((float(new.mean()), float(true.mean())))
+    return [
+        FactLogprobs(
+            edit=tuple(d["edit"]),
+            paraphrase=tuple(d["paraphrase"]),
+            neighborhood=tuple(d["neighborhood"]),
+        )
+        for d in per_fact
+    ]
+
+
+def score_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[FactUpdate],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Scores:
+    """ES/PS/NS/S of the model on facts; facts without `target_true` are skipped and counted."""
+    usable = [f for f in facts if f.target_true is not None]
     return summarize(
-        [
-            FactLogprobs(
-                edit=tuple(d["edit"]),
-                paraphrase=tuple(d["paraphrase"]),
-                neighborhood=tuple(d["neighborhood"]),
-            )
-            for d in per_fact
-        ],
-        skipped=len(facts) - len(usable),
+        fact_logprobs(model, tokenizer, usable, batch_size), skipped=len(facts) - len(usable)
     )
