@@ -124,6 +124,27 @@ class Rejection:
     facts: list[dict[str, Any]]
 
 
+def rejected_messages(rejection: Rejection) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """Kafka records (key, value, headers) for the rejected topic, one per fact.
+
+    The value is the fact record itself, so a producer can fix and republish it; key = subject
+    as on the fact topic; headers say why and from which version. The daemon and `editd
+    rollback` both publish these, so consumers of `<topic>.rejected` see one format.
+    """
+    out = []
+    for fact in rejection.facts:
+        headers = [
+            ("reason", rejection.reason.encode()),
+            ("version", str(rejection.version).encode()),
+            ("rolled_back_to", str(rejection.to_version).encode()),
+            ("fact_id", str(fact["id"]).encode()),
+        ]
+        key = str(fact.get("subject", "")).encode()
+        value = json.dumps(fact, ensure_ascii=False, separators=(",", ":")).encode()
+        out.append((key, value, headers))
+    return out
+
+
 class EditStore:
     """A journal of edit versions under one directory, with exact rollback.
 
@@ -196,6 +217,7 @@ class EditStore:
             self.root.mkdir(parents=True, exist_ok=True)
             self._acquire()
             if self.exists():
+                self.close()
                 raise StoreError(f"an edit store already exists at {self.root}")
             tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in base.items()}
             meta = {
@@ -240,16 +262,22 @@ class EditStore:
         with self._lock:
             if not self.exists():
                 raise StoreNotFound(f"no edit store at {self.root}")
-            if not self.readonly:
-                self._acquire()
-                self._remove_temporaries()
-            self._base_meta = self._read_base_meta()
-            self._base = None
-            self._load_manifests()
+            try:
+                if not self.readonly:
+                    self._acquire()
+                self._base_meta = self._read_base_meta()
+                # Checked before recovery touches anything: a wrong data dir stays as it was.
+                if base is not None:
+                    self._check_base(base)
+                if not self.readonly:
+                    self._remove_temporaries()
+                self._base = None
+                self._load_manifests()
+            except BaseException:
+                self.close()
+                raise
             self._opened = True
             self._delta_cache = (0, {}) if self._current == 0 else None
-            if base is not None:
-                self._check_base(base)
 
     def open_or_create(self, base: Mapping[str, torch.Tensor]) -> bool:
         """Open the store checking `base`, or create it from `base`; True when created."""
