@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -183,7 +183,7 @@ def create_app(
         ):
             raise Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
 
-    Admin = Annotated[None, Depends(require_admin)]
+    admin = [Depends(require_admin)]
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> JSONResponse:
@@ -229,8 +229,8 @@ def create_app(
         data = await run_in_threadpool(service.versions)
         return {"object": "list", "current": service.current_version(), "data": data}
 
-    @app.post("/v1/rollback")
-    async def rollback(body: RollbackRequest, _: Admin) -> dict[str, Any]:
+    @app.post("/v1/rollback", dependencies=admin)
+    async def rollback(body: RollbackRequest) -> dict[str, Any]:
         log.warning("rollback to version %d requested over HTTP: %s", body.version, body.reason)
         return await run_in_threadpool(service.rollback, body.version, body.reason)
 
@@ -238,8 +238,8 @@ def create_app(
     async def status() -> dict[str, Any]:
         return await run_in_threadpool(service.status)
 
-    @app.post("/v1/eval")
-    async def evaluate(_: Admin) -> dict[str, Any]:
+    @app.post("/v1/eval", dependencies=admin)
+    async def evaluate() -> dict[str, Any]:
         return await run_in_threadpool(service.evaluate_now)
 
     @app.get("/livez")

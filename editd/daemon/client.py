@@ -97,7 +97,12 @@ class DaemonClient:
         except httpx.HTTPError as exc:
             raise DaemonError(f"request to {self.url}{path} failed: {exc}") from exc
         if response.is_error:
-            raise DaemonError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}")
+            hint = ""
+            if admin and response.status_code == 401:
+                hint = " (the client sends serve.admin_token, e.g. EDITD_SERVE__ADMIN_TOKEN)"
+            raise DaemonError(
+                f"{method} {path}: HTTP {response.status_code}: {_message(response)}{hint}"
+            )
         try:
             return response.json()
         except ValueError as exc:

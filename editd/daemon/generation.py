@@ -6,14 +6,16 @@ with exactly one version and names it: an edit batch becomes visible to a reques
 at all. Tokenization happens before the lock is taken (edits never touch the tokenizer), so a
 prompt over the context window is refused without waiting for an edit to finish.
 
-Decoding is a plain loop with the KV cache (`past_key_values`): one forward over the prompt, then
-one token per step. Sampling draws from a `torch.Generator` seeded per request, so a request with
-a `seed` is reproducible on the same model version and device.
+Decoding is a plain loop with the KV cache (`past_key_values`, named `cache` in transformers 5):
+one forward over the prompt, then one token per step. Sampling draws from a `torch.Generator`
+seeded per request, so a request with a `seed` is reproducible on the same model version and
+device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +25,11 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from editd.daemon.errors import InvalidRequest
+from editd.daemon.errors import InvalidRequest, ModelCorrupted
 
 FinishReason = Literal["stop", "length"]
+# Prompt tokens decoded before a continuation so its first token keeps its leading space.
+_CONTEXT_TOKENS = 4
 
 
 class ServedModel(Protocol):
@@ -133,6 +137,19 @@ class Generator:
         elif gen_eos:
             eos.update(gen_eos)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
+        # transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; ask the
+        # model's forward which one it takes instead of pinning a version.
+        forward_params = inspect.signature(handle.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # Only the last position's logits are needed; older releases call this num_logits_to_keep.
+        self._keep_args: dict[str, int] = next(
+            (
+                {name: 1}
+                for name in ("logits_to_keep", "num_logits_to_keep")
+                if name in forward_params
+            ),
+            {},
+        )
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt → token ids, with BOS exactly as the tokenizer adds it."""
@@ -172,47 +189,38 @@ class Generator:
     def _generate(
         self, prompt: str, prompt_ids: list[int], params: SamplingParams, rng: torch.Generator
     ) -> Choice:
-        model, tok = self.handle.model, self.handle.tokenizer
+        model = self.handle.model
         device = self.handle.device
         input_ids = torch.tensor([prompt_ids], device=device)  # (1, p)
+        # Decoding generated ids alone drops the leading space of SentencePiece-style tokens
+        # ("▁Paris" → "Paris"), so the continuation is decoded after a few prompt tokens and
+        # the prompt part cut off again.
+        context = prompt_ids[-_CONTEXT_TOKENS:]
         generated: list[int] = []
         text = ""
         finish: FinishReason = "length"
-        want_logprobs = params.logprobs is not None
-        lp_tokens: list[str] = []
-        lp_values: list[float] = []
-        lp_top: list[dict[str, float]] = []
-        lp_offsets: list[int] = []
+        lp: Logprobs | None = None if params.logprobs is None else Logprobs([], [], [], [])
         past = None
 
         for _ in range(params.max_tokens):
-            out = model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = model(
+                input_ids=input_ids, use_cache=True, **self._keep_args, **{self._cache_arg: past}
+            )
+            past = out[self._cache_arg]
             logits = out.logits[0, -1].float()  # (vocab,)
+            if not torch.isfinite(logits).all():
+                raise ModelCorrupted("the model produced non-finite logits")
             token = _sample(logits, params, rng)
             if token in self.eos_token_ids:
                 finish = "stop"
                 break
+            if lp is not None:
+                self._record_logprobs(lp, logits, token, context + generated, params.logprobs)
+                lp.text_offset.append(len(prompt) + len(text))
             generated.append(token)
-            if want_logprobs:
-                logp = F.log_softmax(logits, dim=-1)  # (vocab,)
-                lp_tokens.append(tok.decode([token]))
-                lp_values.append(float(logp[token]))
-                lp_offsets.append(len(prompt) + len(text))
-                k = min(params.logprobs or 0, logp.numel())
-                if k:
-                    top = torch.topk(logp, k)
-                    lp_top.append(
-                        {
-                            tok.decode([int(i)]): float(v)
-                            for v, i in zip(top.values, top.indices, strict=True)
-                        }
-                    )
-                else:
-                    lp_top.append({})
-            # Decode the whole continuation each step: a byte-level token can complete a
-            # character begun by the previous one, so per-token pieces do not concatenate.
-            text = tok.decode(generated, skip_special_tokens=True)
+            # The whole continuation each step: a byte-level token can complete a character
+            # begun by the previous one, so per-token pieces do not simply concatenate.
+            text = self._continuation(context, generated)
             if params.stop:
                 cut = _find_stop(text, params.stop)
                 if cut is not None:
@@ -221,8 +229,32 @@ class Generator:
                     break
             input_ids = torch.tensor([[token]], device=device)  # (1, 1)
 
-        logprobs = Logprobs(lp_tokens, lp_values, lp_top, lp_offsets) if want_logprobs else None
-        return Choice(text, finish, len(prompt_ids), len(generated), logprobs)
+        return Choice(text, finish, len(prompt_ids), len(generated), lp)
+
+    def _continuation(self, context: list[int], ids: list[int]) -> str:
+        """The text `ids` add after `context`."""
+        tok = self.handle.tokenizer
+        head = tok.decode(context, skip_special_tokens=True)
+        full = tok.decode(context + ids, skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head) :]
+        # The context's last character merged with the continuation's first: decode alone.
+        return tok.decode(ids, skip_special_tokens=True)
+
+    def _record_logprobs(
+        self, lp: Logprobs, logits: torch.Tensor, token: int, before: list[int], k: int | None
+    ) -> None:
+        logp = F.log_softmax(logits, dim=-1)  # (vocab,)
+        context = before[-_CONTEXT_TOKENS:]
+        lp.tokens.append(self._continuation(context, [token]))
+        lp.token_logprobs.append(float(logp[token]))
+        top: dict[str, float] = {}
+        if k:
+            values, indices = torch.topk(logp, min(k, logp.numel()))
+            for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+                # Distinct ids can decode to one string; keep the likelier (first) one.
+                top.setdefault(self._continuation(context, [index]), value)
+        lp.top_logprobs.append(top)
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> int:
