@@ -1,0 +1,230 @@
+"""The edit pipeline: facts → keys, targets, residuals → per-layer low-rank updates.
+
+One pipeline for every method (MEMIT's): optimise a residual change δ after the last edited
+layer (targets.py), then for each edited layer in order read its keys and the residual still
+missing with the earlier layers' updates applied on the fly, give that layer its share
+R / (layers left), and solve (solvers.py). Methods differ only in the solver and the
+preservation matrix.
+
+The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
+model; applying it is the daemon's job (`ModelHandle.set_deltas` under the write lock), after
+which `commit` tells the editor to preserve the batch's keys from then on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editd.editing.keys import DEFAULT_PREFIXES, prompt_set, read_at_subject, update_hook
+from editd.editing.model import ModelHandle
+from editd.editing.solvers import SOLVERS, Preservation, solve_emmet
+from editd.editing.stats import Corpus, SecondMomentCache, default_corpus
+from editd.editing.targets import TargetConfig, compute_targets, object_probability
+from editd.editing.types import EditUpdate, LayerUpdate
+from editd.facts import FactUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EditorConfig:
+    algo: str = "emmet"
+    layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
+    mom2_weight: float = 1.0e4  # λ of λC0 (MEMIT, EMMET)
+    emmet_eps: float = 0.0
+    alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
+    null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
+    preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
+    max_rank: int | None = None  # low-rank keys before refactoring; None: d_in / 4
+    stats_tokens: int | None = None  # None: 10 × d_in
+    prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    targets: TargetConfig = field(default_factory=TargetConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo not in SOLVERS:
+            raise ValueError(f"unknown algo {self.algo!r}; choose from {sorted(SOLVERS)}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EditorConfig:
+        """From the `editing` section of the settings tree (`editd.config.EditingSettings`)."""
+        targets = replace(
+            TargetConfig(),
+            steps=settings.target_steps,
+            lr=settings.target_lr,
+            kl_factor=settings.kl_factor,
+            clamp_norm=settings.clamp_norm_factor,
+        )
+        return cls(
+            algo=settings.algo,
+            layers=tuple(settings.layers) if settings.layers else None,
+            mom2_weight=settings.mom2_weight,
+            stats_tokens=settings.stats_tokens,
+            targets=targets,
+        )
+
+
+class Editor:
+    """Computes batch updates for one model and keeps what sequential editing must preserve.
+
+    Not thread-safe: one editing thread calls `compute_update`, `commit` and `reset_to`.
+    """
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        config: EditorConfig | None = None,
+        *,
+        corpus: Corpus | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.handle = handle
+        self.config = config or EditorConfig()
+        self.layers = list(self.config.layers or handle.default_layers())
+        if not self.layers or max(self.layers) >= handle.num_layers or min(self.layers) < 0:
+            raise ValueError(f"layers {self.layers} do not fit a {handle.num_layers}-layer model")
+        self.layers.sort()
+        self.modules = [handle.module_name(i) for i in self.layers]
+        self.last_layer = handle.layer_name(self.layers[-1])
+        self._corpus = corpus
+        self._cache = SecondMomentCache(
+            Path(cache_dir) if cache_dir else Path.home() / ".cache" / "editd", progress=progress
+        )
+        self._solve = SOLVERS[self.config.algo]
+        if self.config.algo == "emmet":
+            self._solve = functools.partial(solve_emmet, eps=self.config.emmet_eps)
+        self.preservation: dict[str, Preservation] = {}
+
+    def prepare(self) -> float:
+        """Load or compute C0 and factor the preservation matrices; returns seconds spent.
+
+        Call it on the unedited model (before restoring versions): C0 describes the base
+        model's keys. Later calls return at once.
+        """
+        with self.handle.reading():
+            return self._prepare()
+
+    def _prepare(self) -> float:
+        if self.preservation:
+            return 0.0
+        start = time.perf_counter()
+        corpus = self._corpus or default_corpus()
+        c0s = self._cache.get(self.handle, self.modules, corpus, self.config.stats_tokens)
+        device = self.handle.device
+        cfg = self.config
+        for name, c0 in c0s.items():
+            if cfg.algo == "alphaedit":
+                pres = Preservation.null_space(
+                    c0,
+                    cfg.alphaedit_alpha,
+                    rel_threshold=cfg.null_threshold,
+                    max_rank=cfg.max_rank,
+                    device=device,
+                )
+            else:
+                pres = Preservation.from_c0(
+                    c0, cfg.mom2_weight, max_rank=cfg.max_rank, device=device
+                )
+            self.preservation[name] = pres
+        return time.perf_counter() - start
+
+    def compute_update(self, batch: Sequence[FactUpdate]) -> EditUpdate:
+        """The update that writes `batch` into the model, one low-rank factor pair per layer.
+
+        Reads the model under its read lock and leaves it unchanged: weights are never
+        written (earlier layers' updates act through hooks scoped to this call's own forward
+        passes, which other threads' requests do not see). Preservation state is not changed
+        either; call `commit` once the update is applied.
+        """
+        if not batch:
+            raise ValueError("empty batch")
+        facts = list(batch)
+        timings: dict[str, float] = {"keys": 0.0, "solve": 0.0}
+        handle = self.handle
+        with handle.reading():
+            t0 = time.perf_counter()
+            timings["stats"] = self._prepare()
+
+            prompts = prompt_set(handle.tokenizer, facts, self.config.prefixes)
+            t = time.perf_counter()
+            z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
+            timings["keys"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            targets = compute_targets(handle, facts, self.last_layer, self.config.targets)
+            timings["targets"] = time.perf_counter() - t
+            z_target = z0 + targets.delta.T  # (d, b)
+
+            updates: dict[str, LayerUpdate] = {}
+            per_layer: dict[str, dict[str, float]] = {}
+            n = len(self.modules)
+            for i, name in enumerate(self.modules):
+                t = time.perf_counter()
+                reads = read_at_subject(
+                    handle, prompts, inputs=[name], outputs=[self.last_layer], updates=updates
+                )
+                keys = reads[name]  # (d_in, b)
+                resid = (z_target - reads[self.last_layer]) / (n - i)  # (d_out, b)
+                timings["keys"] += time.perf_counter() - t
+                t = time.perf_counter()
+                sol = self._solve(keys, resid, self.preservation[name])
+                timings["solve"] += time.perf_counter() - t
+                updates[name] = LayerUpdate(
+                    left=sol.left.float(), right=sol.right.float(), keys=keys.float()
+                )
+                per_layer[name] = sol.diagnostics
+
+            t = time.perf_counter()
+            final = read_at_subject(handle, prompts, outputs=[self.last_layer], updates=updates)
+            missing = (z_target - final[self.last_layer]).norm(dim=0)  # (b,)
+            wanted = targets.delta.norm(dim=1)  # (b,)
+            edits = {m: update_hook(u) for m, u in updates.items()}
+            post_prob, post_top1 = object_probability(handle, facts, edits=edits)
+            timings["check"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t0
+
+        diagnostics: dict[str, object] = {
+            "algo": self.config.algo,
+            "facts": len(facts),
+            "layers": list(self.modules),
+            "seconds": timings,
+            "target_prob": targets.prob.cpu().tolist(),
+            "target_min_prob": targets.min_prob.cpu().tolist(),
+            "target_steps": targets.steps.cpu().tolist(),
+            "target_converged": float(targets.converged.float().mean()),
+            "residual_norm_before": wanted.cpu().tolist(),
+            "residual_norm_after": missing.cpu().tolist(),
+            "post_prob": post_prob.tolist(),
+            "post_top1": float(post_top1.float().mean()),
+            "solver": per_layer,
+        }
+        log.info(
+            "edit of %d facts: targets converged %.2f, P(new) %.3f → top-1 after %.3f, %.1fs",
+            len(facts),
+            diagnostics["target_converged"],
+            float(targets.prob.mean()),
+            diagnostics["post_top1"],
+            timings["total"],
+        )
+        return EditUpdate(layers=updates, diagnostics=diagnostics)
+
+    def commit(self, update: EditUpdate) -> None:
+        """The daemon applied `update`: preserve its keys in later batches."""
+        for name, layer in update.layers.items():
+            self.preservation[name].add(layer.keys, self.config.preserve_weight)
+
+    def reset_to(self, keys_per_version: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Rebuild preservation from the keys of the versions that remain (after a rollback)."""
+        with self.handle.reading():
+            self._prepare()
+        versions = list(keys_per_version)
+        for name, pres in self.preservation.items():
+            pres.reset([v[name] for v in versions if name in v], self.config.preserve_weight)

@@ -1,0 +1,142 @@
+"""Reading activations at the subject position: keys K and current residual values.
+
+A fact is rendered once per context prefix; its key at a layer is the mean of that layer's
+input at the subject's last token over the prefixes (ROME's context templates, but fixed
+strings, so an edit is reproducible). Earlier layers' updates of the same batch can be
+applied on the fly (`updates`), through hooks that add `x @ Δᵀ` to a module's output, so the
+pipeline sees what the edited model will compute without ever writing a weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editd.editing.model import ModelHandle
+from editd.editing.subject import Rendered, TokenBatch, render, tokenize
+from editd.editing.trace import EditFn, TraceDict
+from editd.editing.types import LayerUpdate
+from editd.facts import FactUpdate
+
+# Short, neutral openings: they vary the left context the subject is read in without steering
+# the prediction. "" keeps the bare prompt, the one users send.
+DEFAULT_PREFIXES: tuple[str, ...] = ("", "Note that ", "It is known that ", "Fact: ")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Each fact rendered under each prefix; `fact_of_row[i]` says which fact row i renders."""
+
+    batch: TokenBatch
+    fact_of_row: torch.Tensor  # (n_rows,)
+    n_facts: int
+
+    def to(self, device: torch.device) -> PromptSet:
+        return PromptSet(self.batch.to(device), self.fact_of_row.to(device), self.n_facts)
+
+
+def prompt_set(
+    tokenizer: object,
+    facts: Sequence[FactUpdate],
+    prefixes: Sequence[str] = DEFAULT_PREFIXES,
+    *,
+    with_answer: bool = False,
+) -> PromptSet:
+    items: list[Rendered] = []
+    owner: list[int] = []
+    for i, fact in enumerate(facts):
+        for prefix in prefixes:
+            answer = fact.target_new if with_answer else None
+            items.append(render(fact.prompt, fact.subject, prefix=prefix, answer=answer))
+            owner.append(i)
+    return PromptSet(tokenize(tokenizer, items), torch.tensor(owner), len(facts))
+
+
+def update_hook(update: LayerUpdate) -> EditFn:
+    """A module-output edit that adds the effect of a low-rank weight update: x @ (L R)ᵀ."""
+
+    def edit(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        left = update.left.to(device=inp.device, dtype=torch.float32)
+        right = update.right.to(device=inp.device, dtype=torch.float32)
+        extra = (inp.float() @ right.T) @ left.T  # (n, T, d_out)
+        return out + extra.to(out.dtype)
+
+    return edit
+
+
+def mean_per_fact(values: torch.Tensor, fact_of_row: torch.Tensor, n_facts: int) -> torch.Tensor:
+    """(n_rows, d) → (d, n_facts): the mean over each fact's rows, as columns."""
+    d = values.shape[1]
+    sums = torch.zeros(n_facts, d, dtype=values.dtype, device=values.device)
+    sums.index_add_(0, fact_of_row, values)
+    counts = torch.bincount(fact_of_row, minlength=n_facts).clamp(min=1).to(values.dtype)
+    return (sums / counts[:, None]).T  # (d, n_facts)
+
+
+def finish_order(model: torch.nn.Module) -> dict[str, int]:
+    """Module name → rank in which its forward returns (children before their parent).
+
+    Hooks fire when a forward returns, so this is the order that decides where a forward
+    may stop: after a decoder layer, not after its MLP.
+    """
+    order: dict[str, int] = {}
+
+    def visit(module: torch.nn.Module, name: str) -> None:
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+        order[name] = len(order)
+
+    visit(model, "")
+    return order
+
+
+@torch.no_grad()
+def read_at_subject(
+    handle: ModelHandle,
+    prompts: PromptSet,
+    *,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+    updates: Mapping[str, LayerUpdate] | None = None,
+    chunk_rows: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per-fact means of module inputs/outputs at the subject token, float32, (d, n_facts).
+
+    `inputs` and `outputs` name modules (an output of a decoder layer is the residual stream
+    after it). The caller holds the model's read lock.
+    """
+    updates = updates or {}
+    device = handle.device
+    prompts = prompts.to(device)
+    wanted = list(dict.fromkeys([*inputs, *outputs, *updates]))
+    order = finish_order(handle.model)
+    wanted.sort(key=order.__getitem__)
+    deepest = max(order[n] for n in [*inputs, *outputs])
+    # Only updates upstream of what is read can matter; stop the forward after the deepest read.
+    wanted = [n for n in wanted if order[n] <= deepest]
+    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in [*inputs, *outputs]}
+    n = prompts.batch.input_ids.shape[0]
+    for lo in range(0, n, chunk_rows):
+        idx = torch.arange(lo, min(n, lo + chunk_rows), device=device)
+        sub = prompts.batch.select(idx)
+        at = torch.arange(len(idx), device=device)
+        with TraceDict(
+            handle.model,
+            wanted,
+            retain_input=bool(inputs),
+            retain_output=bool(outputs),
+            edit_output=edits,
+            stop=True,
+        ) as td:
+            handle.model(**sub.model_inputs(), use_cache=False)
+        for name in inputs:
+            rows[name].append(td[name].input[at, sub.subject_index].float())
+        for name in outputs:
+            rows[name].append(td[name].output[at, sub.subject_index].float())
+    return {
+        name: mean_per_fact(torch.cat(parts), prompts.fact_of_row, prompts.n_facts)
+        for name, parts in rows.items()
+    }

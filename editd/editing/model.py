@@ -1,0 +1,275 @@
+"""The served model: loading, geometry, the inference/update lock, and applying weight deltas.
+
+`ModelHandle` is the one place that writes model weights. An edit's deltas are applied as
+`weight = cast(base.float() + delta)`, where `base` is a copy of the tensor taken before its
+first edit and `delta` is the float32 sum of every applied batch's update: the served weights of
+a version depend only on that version's accumulated delta, so rolling back to a version gives
+bit-identical tensors (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODULE_TEMPLATE = "model.layers.{}.mlp.down_proj"
+DEFAULT_LAYER_TEMPLATE = "model.layers.{}"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so swaps are not starved.
+
+    Not re-entrant: a thread holding the read side must not take it again while a writer may be
+    waiting, or it deadlocks.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        # Half-precision matmuls on CPU are slow and gain nothing here.
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    if stored in (torch.bfloat16, torch.float16):
+        return stored
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Edited layers from the model's depth: the early-middle MLPs.
+
+    MEMIT edits layers 4–8 of 32-layer Llamas (and 3–8 of GPT-J's 28); that is 1/8 to 1/4 of
+    the depth. Shallow models need the first layer left alone (it mostly builds token identity)
+    and at least two later layers to carry the subject to the output, so they get layers 1 to
+    about depth/2 − 1.
+    """
+    if num_layers < 4:
+        return list(range(num_layers))
+    if num_layers < 16:
+        return list(range(1, max(2, num_layers // 2)))
+    return list(range(round(num_layers / 8), round(num_layers / 4) + 1))
+
+
+def model_identity(path: Path) -> str:
+    """A cheap fingerprint of a checkpoint directory: its config and its weight files' headers.
+
+    Hashing every weight byte of an 8B model takes minutes; the safetensors header (tensor
+    names, shapes, offsets) plus the size and the first and last MiB of each file change with
+    any retraining, and the config covers geometry.
+    """
+    h = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        h.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    for f in sorted(path.iterdir()):
+        if f.suffix not in {".safetensors", ".bin", ".pt"}:
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes, as they are in memory on the CPU (dtype-exact)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class ModelHandle:
+    """A causal LM with its tokenizer, geometry, lock and weight-delta bookkeeping.
+
+    Use `with handle.reading():` around inference and `with handle.writing():` (taken by
+    `set_deltas` itself) around weight swaps, so a request sees all of a batch or none.
+    Module names (`model.layers.3.mlp.down_proj`) identify edited weights everywhere.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    module_template: str = DEFAULT_MODULE_TEMPLATE
+    layer_template: str = DEFAULT_LAYER_TEMPLATE
+    identity: str = "unnamed"
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    _lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
+    _edited: set[str] = field(default_factory=set, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        *,
+        module_template: str = DEFAULT_MODULE_TEMPLATE,
+        layer_template: str = DEFAULT_LAYER_TEMPLATE,
+    ) -> ModelHandle:
+        """Load a local Hugging Face causal-LM directory (no network access is attempted)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True)
+        model.to(dev).eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        log.info("loaded %s on %s as %s", path, dev, dt)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            module_template=module_template,
+            layer_template=layer_template,
+            identity=model_identity(path),
+        )
+
+    def __post_init__(self) -> None:
+        # A served model is never trained: no parameter needs a gradient, and autograd then
+        # only tracks the edit's own variables.
+        self.model.eval().requires_grad_(False)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def default_layers(self) -> list[int]:
+        return default_layers(self.num_layers)
+
+    def module_name(self, layer: int) -> str:
+        return self.module_template.format(layer)
+
+    def layer_name(self, layer: int) -> str:
+        return self.layer_template.format(layer)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight of module `name` (a trailing `.weight` is accepted too)."""
+        name = name.removesuffix(".weight")
+        return self.model.get_submodule(name).weight
+
+    def reading(self):  # -> contextmanager
+        return self._lock.reading()
+
+    def writing(self):  # -> contextmanager
+        return self._lock.writing()
+
+    def set_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        """Serve `cast(base + delta)` for each named weight, atomically for readers.
+
+        `deltas` holds the accumulated update of every edited weight (not an increment). Names
+        edited before but absent here go back to their base values. Accumulation is float32
+        whatever the model's dtype.
+        """
+        with self.writing():
+            self._write(deltas)
+
+    def _write(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                w = self.weight(name)
+                if delta.shape != w.shape:
+                    raise ValueError(
+                        f"delta for {name} has shape {tuple(delta.shape)}, "
+                        f"weight has {tuple(w.shape)}"
+                    )
+                base = self._base_of(name)
+                new = base.float() + delta.to(device=w.device, dtype=torch.float32)
+                w.copy_(new.to(w.dtype))
+            for name in self._edited - set(deltas):
+                self.weight(name).copy_(self.base[name])
+        self._edited = set(deltas)
+
+    def _base_of(self, name: str) -> torch.Tensor:
+        if name not in self.base:
+            self.base[name] = self.weight(name).detach().clone()
+        return self.base[name]
+
+    def reset(self) -> None:
+        """Serve the base model again."""
+        self.set_deltas({})
+
+    def weight_sha256(self, names: Iterable[str]) -> dict[str, str]:
+        with self.reading():
+            return {n: tensor_sha256(self.weight(n)) for n in names}

@@ -1,0 +1,228 @@
+"""C0 = E[k kᵀ]: the second moment of an edited layer's inputs over a text corpus.
+
+One forward pass over the corpus serves every edited layer (hooks on all of them, the forward
+stopped after the deepest). Tokens are accumulated in float64 until the budget (default
+10 × d_in, enough per "Efficient model editing" and measured here) is spent; BOS and other
+special tokens are left out, since their activations are outliers no edit key resembles.
+Results are cached as safetensors, keyed by model identity, module, corpus and budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from editd.editing.model import ModelHandle
+from editd.editing.subject import pad_token_id
+from editd.editing.trace import TraceDict
+
+log = logging.getLogger(__name__)
+
+BUDGET_PER_DIM = 10
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Texts for C0, with an identity that keys the cache.
+
+    From a file: one text per line, or JSONL whose objects carry a "text" field. The identity
+    of a file corpus is the sha256 of its bytes; of an in-memory one, of its texts.
+    """
+
+    texts: Sequence[str] | None = None
+    path: Path | None = None
+    name: str = ""
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Corpus:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"stats corpus {path} does not exist")
+        return cls(path=path, name=path.name)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.texts is not None:
+            yield from self.texts
+            return
+        assert self.path is not None
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("{"):
+                    try:
+                        text = json.loads(line).get("text")
+                    except json.JSONDecodeError:
+                        text = line
+                    if isinstance(text, str) and text.strip():
+                        yield text
+                else:
+                    yield line
+
+    @property
+    def identity(self) -> str:
+        h = hashlib.sha256()
+        if self.texts is not None:
+            for t in self.texts:
+                h.update(t.encode("utf-8"))
+                h.update(b"\0")
+        else:
+            assert self.path is not None
+            with self.path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()[:16]
+
+
+def default_corpus(path: str | Path | None = None) -> Corpus:
+    """The configured corpus, or the built-in world's own text when none is configured."""
+    if path is not None:
+        return Corpus.from_path(path)
+    from editd.world.world import load_world
+
+    texts = list(load_world().corpus())
+    # The world's text is grouped by subject; a fixed shuffle makes any budget a fair sample.
+    random.Random(0).shuffle(texts)
+    return Corpus(texts=tuple(texts), name="builtin-world")
+
+
+def default_budget(d_in: int) -> int:
+    return BUDGET_PER_DIM * d_in
+
+
+def cache_path(cache_dir: Path, model_id: str, module: str, corpus_id: str, tokens: int) -> Path:
+    return cache_dir / f"c0-{model_id}-{module}-{corpus_id}-{tokens}.safetensors"
+
+
+def layer_second_moments(
+    handle: ModelHandle,
+    modules: Sequence[str],
+    corpus: Iterable[str],
+    tokens: int,
+    *,
+    batch_size: int = 32,
+    max_length: int = 256,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """E[k kᵀ] (float64, on the model's device) of each module's input; and tokens used.
+
+    The caller holds the model's read lock. Modules must be given in forward order.
+    """
+    tok = handle.tokenizer
+    specials = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    device = handle.device
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    bar = tqdm(total=tokens, unit="tok", desc="C0", file=sys.stderr, disable=not progress)
+    texts = iter(corpus)
+    pad = pad_token_id(tok)
+    try:
+        while seen < tokens:
+            chunk = [t for _, t in zip(range(batch_size), texts, strict=False)]
+            if not chunk:
+                break
+            enc = tok(chunk, truncation=True, max_length=max_length, add_special_tokens=True)
+            ids = enc["input_ids"]
+            width = max(len(r) for r in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, r in enumerate(ids):
+                input_ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            use = mask.bool() & ~torch.isin(input_ids, specials)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with (
+                torch.no_grad(),
+                TraceDict(handle.model, modules, retain_input=True, stop=True) as td,
+            ):
+                handle.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    use_cache=False,
+                )
+            take = int(use.sum())
+            keep = use.to(device)
+            if seen + take > tokens:
+                # Spend the budget exactly, so the cache key describes what was used.
+                flat = keep.reshape(-1).nonzero().squeeze(1)[: tokens - seen]
+                keep = torch.zeros_like(keep.reshape(-1)).index_fill_(0, flat, True)
+                keep = keep.reshape(use.shape)
+                take = tokens - seen
+            for name in modules:
+                x = td[name].input[keep].to(torch.float64)  # (take, d_in)
+                acc = x.T @ x  # (d_in, d_in)
+                sums[name] = sums[name] + acc if name in sums else acc
+            seen += take
+            bar.update(take)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ValueError("the stats corpus produced no tokens")
+    if seen < tokens:
+        log.warning("stats corpus ran out after %d of %d tokens", seen, tokens)
+    return {name: s / seen for name, s in sums.items()}, seen
+
+
+class SecondMomentCache:
+    """C0 per module, computed once per (model, module, corpus, budget) and kept on disk."""
+
+    def __init__(self, cache_dir: str | Path, *, progress: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.progress = progress
+
+    def get(
+        self,
+        handle: ModelHandle,
+        modules: Sequence[str],
+        corpus: Corpus,
+        tokens: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """C0 (float64, CPU) for each module; computes the missing ones in one pass."""
+        corpus_id = corpus.identity
+        out: dict[str, torch.Tensor] = {}
+        budgets: dict[str, int] = {}
+        for m in modules:
+            budgets[m] = tokens or default_budget(handle.weight(m).shape[1])
+            p = cache_path(self.cache_dir, handle.identity, m, corpus_id, budgets[m])
+            if p.is_file():
+                out[m] = load_file(p)["c0"]
+        missing = [m for m in modules if m not in out]
+        by_budget: dict[int, list[str]] = {}
+        for m in missing:
+            by_budget.setdefault(budgets[m], []).append(m)
+        for budget, group in by_budget.items():
+            c0s, used = layer_second_moments(handle, group, corpus, budget, progress=self.progress)
+            for m, c0 in c0s.items():
+                c0 = c0.cpu()
+                out[m] = c0
+                p = cache_path(self.cache_dir, handle.identity, m, corpus_id, budget)
+                _atomic_save({"c0": c0}, p, {"tokens": str(used), "corpus": corpus.name})
+        return {m: out[m] for m in modules}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
