@@ -49,6 +49,7 @@ def test_counters_and_gauges(metrics: Metrics) -> None:
     assert get("editd_model_version") == 7
     assert get("editd_consumer_lag") == 120
     assert get("editd_rollbacks_total", {"reason": "applied_es"}) == 1
+    assert get("editd_rollbacks_total", {"reason": "operator"}) == 0  # present before any
     assert get("editd_prompt_tokens_total") == 11
     assert get("editd_generated_tokens_total") == 5
 

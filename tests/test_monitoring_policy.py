@@ -163,3 +163,14 @@ def test_policy_from_settings() -> None:
     assert policy.failures_before_rollback == 3
     with pytest.raises(ValueError, match="at least 1"):
         Policy(failures_before_rollback=0)
+
+
+def test_check_names_are_the_rollback_reason_labels() -> None:
+    from editd.monitoring.metrics import ROLLBACK_REASONS
+
+    everything = Policy(
+        applied=Thresholds(1, 1, 1, 1), probe=Thresholds(1, 1, 1, 1), min_canary_ratio=1.0
+    )
+    zero = S(0.0, 0.0, 0.0, 0.0)
+    names = [f.check for f in check(m(1, applied=zero, probe=zero, canary=0.0), everything, BASE)]
+    assert [*names, "operator"] == list(ROLLBACK_REASONS)

@@ -169,6 +169,7 @@ class Evaluator(Generic[F]):
         self._scheduler: BackgroundScheduler | None = None
         self._job: Job | None = None
         self._export_thresholds()
+        metrics.evaluation_interval_seconds.set(interval_seconds)
 
     @classmethod
     def from_settings(

@@ -27,6 +27,9 @@ SCORES = ("es", "ps", "ns", "s")
 STAGES = ("stats", "keys", "targets", "solve", "apply")
 EVALUATION_OUTCOMES = ("passed", "failed", "error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# A rollback's reason: the policy check that failed first (`<set>_<score>`, `canary`), or
+# `operator` for a rollback asked through the CLI or API (its free-text reason goes to logs).
+ROLLBACK_REASONS = (*(f"{st}_{sc}" for st in SETS for sc in SCORES), "canary", "operator")
 
 # One edit batch takes from a fraction of a second (a few facts on the built-in model) to tens
 # of minutes (thousands of facts on an 8B model with a cold C0); buckets span 0.1 s .. 30 min.
@@ -181,6 +184,12 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.evaluation_interval_seconds = Gauge(
+            "evaluation_interval_seconds",
+            "Configured time between scheduled evaluations (for the staleness alert).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.evaluation_seconds = Histogram(
             "evaluation_seconds",
             "Wall time of one evaluation.",
@@ -231,6 +240,10 @@ class Metrics:
             self.edit_stage_seconds.labels(stage=stage)
         for outcome in EVALUATION_OUTCOMES:
             self.evaluations.labels(outcome=outcome)
+        # `increase()` cannot see a counter's first step if the series starts at 1, so the
+        # "rollback happened" alert needs every reason present at 0 from the start.
+        for reason in ROLLBACK_REASONS:
+            self.rollbacks.labels(reason=reason)
 
     @contextmanager
     def time_stage(self, stage: str) -> Iterator[None]:

@@ -89,7 +89,7 @@ class Baseline:
 class Failure:
     """One failed check. `check` is from a small fixed set: it labels the rollback metric."""
 
-    check: str  # "applied_es", "probe_ns", "canary", ...
+    check: str  # one of metrics.ROLLBACK_REASONS: "applied_es", "probe_ns", "canary", ...
     value: float
     minimum: float
 
