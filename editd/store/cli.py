@@ -169,7 +169,8 @@ def publish_pending_rejections(
             acks="all",
             max_block_ms=ms,
             request_timeout_ms=ms,
-            api_version_auto_timeout_ms=ms,
+            delivery_timeout_ms=3 * ms,
+            bootstrap_timeout_ms=ms,
         )
     except KafkaError as exc:
         log.warning("cannot reach a broker at %s (%s): rejected facts stay pending", servers, exc)

