@@ -1,9 +1,10 @@
 """Batching of consumed facts, free of Kafka and of clocks it does not own.
 
 The consumer feeds every record it reads into a `Batcher`: valid facts with `add`, records it
-dead-lettered with `skip`. The batcher folds duplicates, says when a batch is due (`batch_size`
-facts, or the oldest pending fact waited `linger` seconds), hands batches out with `take`, and
-computes the offsets that are safe to commit.
+dead-lettered with `hold` until the dead letter is acknowledged, then `release`. The batcher
+folds duplicates, says when a batch is due (`batch_size` facts, or the oldest pending fact
+waited `linger` seconds), hands batches out with `take`, and computes the offsets that are
+safe to commit.
 
 Offsets: Kafka commits one position per partition, "everything before this is done". A record
 is done when it was dead-lettered, folded into a later fact, or applied in a durable version.
@@ -170,6 +171,7 @@ class Batcher:
         # Lowest offset per partition of each batch handed out and not yet durable.
         self._in_flight: dict[int, dict[Partition, int]] = {}
         self._consumed_end: dict[Partition, int] = {}
+        self._held: dict[Partition, set[int]] = {}
         self._committed: dict[Partition, int] = {}
         self._seq = itertools.count(1)
         self.folded = 0
@@ -182,9 +184,18 @@ class Batcher:
         self._consumed(origin)
         self.folded += len(self._pending.push(_Entry(fact, origin, self._clock())))
 
-    def skip(self, origin: Origin) -> None:
-        """A record that is done as soon as it is read (dead-lettered, or not a fact)."""
+    def hold(self, origin: Origin) -> None:
+        """A record read at `origin` that is not done yet (a dead letter awaiting the broker's
+        acknowledgement): it holds back its partition's offset until `release`."""
         self._consumed(origin)
+        self._held.setdefault(origin.tp, set()).add(origin.offset)
+
+    def release(self, origin: Origin) -> None:
+        held = self._held.get(origin.tp)
+        if held is not None:
+            held.discard(origin.offset)
+            if not held:
+                del self._held[origin.tp]
 
     def _consumed(self, origin: Origin) -> None:
         # Assigned, not maxed: records of a partition arrive in order, so an offset lower than
@@ -248,6 +259,9 @@ class Batcher:
         for e in self._pending:
             tp = e.origin.tp
             out[tp] = min(out[tp], e.origin.offset)
+        for tp, held in self._held.items():
+            if tp in out:
+                out[tp] = min(out[tp], *held)
         for seq, lowest in self._in_flight.items():
             if seq == exclude:
                 continue
@@ -285,6 +299,7 @@ class Batcher:
         for tp in lost:
             self._consumed_end.pop(tp, None)
             self._committed.pop(tp, None)
+            self._held.pop(tp, None)
         for lowest in self._in_flight.values():
             for tp in lost:
                 lowest.pop(tp, None)
