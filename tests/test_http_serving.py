@@ -605,6 +605,39 @@ def test_status_and_eval_commands(
     assert "no editd daemon is listening" in capsys.readouterr().err
 
 
+def test_health_answers_while_an_edit_holds_the_model(daemon: Daemon, serve: ServeSettings) -> None:
+    """Completions wait for the write lock; health, metrics and admission control do not."""
+    daemon.swap_to(0)
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with HttpServer.bind("127.0.0.1", 0) as server:
+        server.start(create_app(daemon, serve, max_pending=1))
+        waiting: dict[str, httpx.Response] = {}
+        with daemon.handle.writing():
+            first = threading.Thread(
+                target=lambda: waiting.update(
+                    r=httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+                )
+            )
+            first.start()
+            time.sleep(0.3)  # the request is now queued behind the writer
+            for path in ("/livez", "/readyz", "/metrics", "/v1/models"):
+                started = time.perf_counter()
+                assert httpx.get(server.url + path, timeout=5).status_code == 200
+                assert time.perf_counter() - started < 1.0, path
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=5)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert first.is_alive()
+            with torch.no_grad():
+                for name, tensor in daemon.weights[1].items():
+                    daemon.handle.weight(name).copy_(tensor)
+            daemon.version = 1
+        first.join(30)
+        assert waiting["r"].status_code == 200
+        assert waiting["r"].headers[VERSION_HEADER] == "1"
+        assert waiting["r"].json()["choices"][0]["text"] == _greedy(daemon, max_tokens=4)
+    daemon.swap_to(0)
+
+
 @pytest.mark.slow
 def test_requests_never_fail_or_mix_versions_while_weights_swap(
     daemon: Daemon, serve: ServeSettings
@@ -648,6 +681,7 @@ def test_requests_never_fail_or_mix_versions_while_weights_swap(
 
     with HttpServer.bind("127.0.0.1", 0) as server:
         server.start(create_app(daemon, serve))
+        load(server.url, 0.5)  # warm-up: first calls pay for allocations and imports
         quiet, quiet_failures = load(server.url, 4.0)
 
         daemon.swap_wait.clear()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -168,7 +167,7 @@ def create_app(
     )
     app.state.service = service
     admin_token = serve.admin_token.get_secret_value() if serve.admin_token else None
-    pending = _Gauge(max_pending)
+    admission = _Admission(max_pending)
     max_body = serve.max_prompt_chars * 4 * MAX_PROMPTS_PER_REQUEST + _BODY_OVERHEAD_BYTES
 
     def require_admin(request: Request) -> None:
@@ -198,13 +197,15 @@ def create_app(
         params = _sampling_params(body, prompts, serve)
         if not service.is_ready():
             raise Unavailable("the model is loading or being restored; retry shortly")
-        if not pending.try_acquire():
+        if not admission.try_acquire():
             raise _TooBusy(f"more than {max_pending} completion requests in flight; retry later")
-        try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(executor, service.complete, prompts, params)
-        finally:
-            pending.release()
+        future = asyncio.get_running_loop().run_in_executor(
+            executor, service.complete, prompts, params
+        )
+        # Freed when the worker finishes, not when the client gives up: a disconnected
+        # client's generation still occupies a worker until it ends.
+        future.add_done_callback(lambda _: admission.release())
+        result = await asyncio.shield(future)
         return JSONResponse(
             _completion_body(result, service.model_name),
             headers={VERSION_HEADER: str(result.version)},
@@ -377,24 +378,21 @@ class _TooBusy(RecoverableError):
     code = "overloaded"
 
 
-class _Gauge:
-    """A non-blocking counting limit: admission control for queued inference."""
+class _Admission:
+    """Counts completion requests queued or running; touched only on the event loop."""
 
     def __init__(self, limit: int):
         self._limit = limit
         self._count = 0
-        self._lock = threading.Lock()
 
     def try_acquire(self) -> bool:
-        with self._lock:
-            if self._count >= self._limit:
-                return False
-            self._count += 1
-            return True
+        if self._count >= self._limit:
+            return False
+        self._count += 1
+        return True
 
     def release(self) -> None:
-        with self._lock:
-            self._count -= 1
+        self._count -= 1
 
 
 Scope = MutableMapping[str, Any]
