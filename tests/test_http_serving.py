@@ -638,6 +638,32 @@ def test_health_answers_while_an_edit_holds_the_model(daemon: Daemon, serve: Ser
     daemon.swap_to(0)
 
 
+def test_stop_lets_the_in_flight_request_finish(daemon: Daemon, serve: ServeSettings) -> None:
+    daemon.swap_to(0)
+    server = HttpServer.bind("127.0.0.1", 0)
+    server.start(create_app(daemon, serve))
+    answer: dict[str, httpx.Response] = {}
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with daemon.handle.writing():  # hold the request inside the server while stop begins
+        request = threading.Thread(
+            target=lambda: answer.update(
+                r=httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+            )
+        )
+        request.start()
+        time.sleep(0.3)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):  # no new connections once stopping
+            httpx.get(f"{server.url}/livez", timeout=2)
+    request.join(30)
+    stopper.join(30)
+    assert answer["r"].status_code == 200
+    assert answer["r"].json()["choices"][0]["text"] == _greedy(daemon, max_tokens=4)
+    assert not server.running
+
+
 @pytest.mark.slow
 def test_requests_never_fail_or_mix_versions_while_weights_swap(
     daemon: Daemon, serve: ServeSettings
