@@ -78,8 +78,8 @@ def render_versions(infos: list[VersionInfo]) -> str:
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)  # fmt: skip
+    lines = ("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def rollback(args: argparse.Namespace, settings: Settings) -> int:
@@ -129,6 +129,9 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
             print(f"version {version} is already live; nothing to roll back")
             return EXIT_OK
         topic = settings.kafka.rejected
+        # An unreachable broker is an expected outcome here, reported in one line below;
+        # kafka-python would log every reconnect attempt at ERROR.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
         published = publish_pending_rejections(store, bootstrap_servers(settings), topic)
         pending = sum(len(r.facts) for r in store.pending_rejections())
         print(f"rolled back from version {before} to {version}; {len(facts)} facts undone")
