@@ -131,8 +131,13 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
         topic = settings.kafka.rejected
         # An unreachable broker is an expected outcome here, reported in one line below;
         # kafka-python would log every reconnect attempt at ERROR.
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)
-        published = publish_pending_rejections(store, bootstrap_servers(settings), topic)
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        try:
+            published = publish_pending_rejections(store, bootstrap_servers(settings), topic)
+        finally:
+            kafka_log.setLevel(level)
         pending = sum(len(r.facts) for r in store.pending_rejections())
         print(f"rolled back from version {before} to {version}; {len(facts)} facts undone")
         if published:
