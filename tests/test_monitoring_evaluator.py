@@ -8,6 +8,7 @@ scorer.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -182,6 +183,8 @@ def test_evaluate_exports_scores_drift_and_baseline_from_version_zero() -> None:
 def test_a_failing_version_is_rolled_back_to_the_last_good_one() -> None:
     model = Model({0: GOOD, 1: GOOD, 2: GOOD, 3: BAD})
     ev, metrics = make(model)
+    assert ev.status()["last_evaluation"] is None and ev.status()["last_rollback"] is None
+    ev.evaluate()  # version 0: the baseline
     for v in (1, 2):
         model.version = v
         ev.record_version(v, facts(f"v{v}-", 4))
@@ -193,6 +196,14 @@ def test_a_failing_version_is_rolled_back_to_the_last_good_one() -> None:
     assert [f.check for f in failed.failures] == ["applied_es", "applied_ps", "applied_ns"]
     assert [v for v, _ in model.rollbacks] == [2]
     assert "version 3 failed" in model.rollbacks[0][1]
+    status = ev.status()
+    assert status["last_rollback"]["from_version"] == 3
+    assert status["last_rollback"]["to_version"] == 2
+    assert status["last_rollback"]["reason"] == "applied_es"
+    assert status["thresholds"]["applied"]["es"] == 0.8
+    assert status["thresholds"]["canary"] == pytest.approx(0.855)
+    assert status["baseline"]["probe"]["ns"] == 0.95
+    json.dumps(status, allow_nan=False)  # what the HTTP API returns
     get = metrics.registry.get_sample_value
     assert get("editd_rollbacks_total", {"reason": "applied_es"}) == 1
     assert get("editd_evaluations_total", {"outcome": "failed"}) == 1

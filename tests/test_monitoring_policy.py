@@ -124,7 +124,8 @@ def test_verdicts_outlive_a_short_history() -> None:
     # The history kept is only the last few evaluations; verdicts remember older versions.
     history = [ev(9, False)]
     verdicts = {0: True, 4: True, 7: True, 8: False, 9: False}
-    assert should_roll_back(history, POLICY, verdicts).target == 7
+    decision = should_roll_back(history, POLICY, verdicts)
+    assert (decision.target, decision.version) == (7, 9)
     assert should_roll_back(history, POLICY).target == 0
 
 

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
@@ -37,6 +37,7 @@ from editd.monitoring.policy import (
     Measurement,
     Policy,
     check,
+    scores_dict,
     should_roll_back,
 )
 
@@ -164,6 +165,7 @@ class Evaluator(Generic[F]):
         self._epoch = 0  # bumped by every rollback: measurements begun before it are stale
         self._requested = False
         self._job_running = False
+        self._last_rollback: dict[str, Any] | None = None
         self._run = threading.Lock()
 
         self._scheduler: BackgroundScheduler | None = None
@@ -299,6 +301,31 @@ class Evaluator(Generic[F]):
         with self._state:
             return len(self._sample)
 
+    def status(self) -> dict[str, Any]:
+        """JSON-ready state for `editd status` and `editd eval`: the last evaluation, the
+        policy's minimums, the baseline, and the last automatic rollback."""
+        with self._state:
+            last = self._history[-1] if self._history else None
+            baseline = self._baseline
+            base_canary = baseline.canary if baseline is not None else None
+            return {
+                "last_evaluation": last.as_dict() if last is not None else None,
+                "thresholds": {
+                    "applied": self.policy.applied.as_dict(),
+                    "probe": self.policy.probe.as_dict(),
+                    "canary": self.policy.canary_minimum(base_canary),
+                    "failures_before_rollback": self.policy.failures_before_rollback,
+                },
+                "baseline": (
+                    {"probe": scores_dict(baseline.probe), "canary": baseline.canary}
+                    if baseline is not None
+                    else None
+                ),
+                "last_rollback": dict(self._last_rollback) if self._last_rollback else None,
+                "interval_seconds": self.interval_seconds,
+                "sample_size": len(self._sample),
+            }
+
     # -- the evaluation --------------------------------------------------------------------
 
     def evaluate(self) -> Evaluation:
@@ -356,6 +383,14 @@ class Evaluator(Generic[F]):
             log.exception("automatic rollback to version %d failed", decision.target)
             return
         self._metrics.rollbacks.labels(reason=decision.reason).inc()
+        with self._state:
+            self._last_rollback = {
+                "at": self._clock(),
+                "from_version": decision.version,
+                "to_version": decision.target,
+                "reason": decision.reason,
+                "detail": decision.detail,
+            }
         self.rolled_back(decision.target)
         # Re-score the restored version so the gauges stop showing the undone one.
         self.trigger()

@@ -124,8 +124,8 @@ class Evaluation:
                 {"check": f.check, "value": _num(f.value), "minimum": f.minimum}
                 for f in self.failures
             ],
-            "applied": _scores_dict(m.applied),
-            "probe": _scores_dict(m.probe),
+            "applied": scores_dict(m.applied),
+            "probe": scores_dict(m.probe),
             "canary": _num(m.canary),
             "finished_at": self.finished_at,
             "seconds": self.seconds,
@@ -136,7 +136,8 @@ def _num(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def _scores_dict(scores: ScoreSet | None) -> dict[str, float | None] | None:
+def scores_dict(scores: ScoreSet | None) -> dict[str, float | None] | None:
+    """es/ps/ns/s as a JSON-ready dict (NaN becomes None)."""
     if scores is None:
         return None
     return {name: _num(getattr(scores, name)) for name in SCORES}
@@ -147,6 +148,7 @@ class Decision:
     roll_back: bool
     target: int | None = None
     reason: str = ""  # metric label: the first failed check of the latest evaluation
+    version: int | None = field(default=None, compare=False)  # the version judged
     detail: str = field(default="", compare=False)  # for logs and the rejected-topic header
 
 
@@ -231,12 +233,14 @@ def should_roll_back(
         return Decision(
             False,
             reason=latest.failures[0].check,
+            version=latest.version,
             detail=f"version {latest.version} failed ({failed}) but no older version passed",
         )
     return Decision(
         True,
         target=target,
         reason=latest.failures[0].check,
+        version=latest.version,
         detail=(
             f"version {latest.version} failed {streak} evaluation(s) in a row ({failed}); "
             f"rolling back to version {target}"
