@@ -11,6 +11,16 @@ The evaluator owns no model and no Kafka client. The daemon injects two callable
 It runs every `eval.interval_seconds` on an APScheduler 3 `BackgroundScheduler` (one instance
 at a time, missed runs coalesced), and on request: after each new version (`record_version`),
 and synchronously for `editd eval` (`evaluate`).
+
+Contract with the daemon:
+- `score` returns `applied=None` for an empty sample, and reads the version and the weights
+  under one acquisition of the model's read lock.
+- `rollback` runs in the evaluator's thread while no other evaluation can start: it must not
+  call `evaluate()` (it may call `rolled_back()` or `trigger()`). After it returns, the
+  evaluator counts `editd_rollbacks_total{reason=<failed check>}` and forgets the undone
+  versions itself.
+- A rollback the evaluator did not start (operator, CLI, API): call `rolled_back(version)` and
+  count it as `rollbacks.labels(reason="operator")`; the operator's free text goes to the log.
 """
 
 from __future__ import annotations
