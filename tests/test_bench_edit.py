@@ -1,0 +1,64 @@
+"""`editd bench edit --json` end to end on the built-in model, at a size that fits the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from editd.bench.edit import json_ready
+
+CMD = [sys.executable, "-m", "editd", "bench", "edit"]
+KEYS = {
+    "algo",
+    "batch_size",
+    "edits",
+    "es",
+    "ps",
+    "ns",
+    "s",
+    "heldout_accuracy",
+    "heldout_accuracy_base",
+    "seconds",
+    "facts_per_second",
+    "stats_seconds",
+    "peak_rss_mb",
+    "stage_seconds",
+}
+
+
+def test_json_ready_turns_nan_into_null():
+    out = json_ready({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2})
+    assert out == {"a": None, "b": [1.0, None], "c": "x", "d": 2}
+
+
+@pytest.mark.slow
+def test_bench_edit_prints_one_json_object_with_scores_in_range(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}  # C0 cache in a fresh place: stats are timed
+    proc = subprocess.run(
+        [*CMD, "--algo", "emmet", "--edits", "6", "--batch-size", "3", "--seed", "1", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) >= KEYS
+    assert (result["algo"], result["batch_size"], result["edits"]) == ("emmet", 3, 6)
+    assert result["batches"] == 2
+    for key in ("es", "ps", "ns", "s", "heldout_accuracy", "heldout_accuracy_base"):
+        assert 0.0 <= result[key] <= 1.0, key
+    # The built-in model knows its world: the canary starts high.
+    assert result["heldout_accuracy_base"] >= 0.8
+    assert result["seconds"] > 0 and result["facts_per_second"] > 0
+    assert result["stats_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert set(result["stage_seconds"]) >= {"keys", "targets", "solve", "apply"}
+    # Six edits on a model that knows its facts: efficacy well above chance.
+    assert result["es"] >= 0.5
