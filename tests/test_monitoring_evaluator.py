@@ -161,7 +161,8 @@ def test_evaluate_exports_scores_drift_and_baseline_from_version_zero() -> None:
     assert model.calls == [(0, 0, 5)]
     assert ev.baseline == Baseline(probe=PROBE, canary=0.95)
     assert get("editd_canary_threshold") == pytest.approx(0.855)
-    assert get("editd_score", {"set": "applied", "score": "es"}) is None  # nothing applied yet
+    # nothing applied yet: undefined, so no alert compares it to its minimum
+    assert math.isnan(get("editd_score", {"set": "applied", "score": "es"}))
     assert get("editd_score", {"set": "probe", "score": "ns"}) == 0.95
     assert get("editd_score_drift", {"set": "probe", "score": "ns"}) == 0.0
     assert get("editd_canary") == 0.95 and get("editd_canary_drift") == 0.0

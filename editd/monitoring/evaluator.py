@@ -26,11 +26,13 @@ Contract with the daemon:
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -434,9 +436,10 @@ class Evaluator(Generic[F]):
 
     def _export(self, evaluation: Evaluation, baseline: Baseline | None) -> None:
         m, metrics = evaluation.measurement, self._metrics
-        if m.applied is not None:
-            # The base model never learnt the applied facts, so their drift is not defined.
-            metrics.set_scores("applied", m.applied)
+        # The base model never learnt the applied facts, so their drift is not defined. With no
+        # applied facts (after a rollback to the base model) the gauges go NaN, not stale, so
+        # alerts on the undone version's scores clear.
+        metrics.set_scores("applied", m.applied if m.applied is not None else _NO_SCORES)
         metrics.set_scores("probe", m.probe, baseline.probe if baseline is not None else None)
         if m.canary is not None:
             metrics.set_canary(m.canary, baseline.canary if baseline is not None else None)
@@ -459,6 +462,17 @@ class Evaluator(Generic[F]):
             "-" if m.canary is None else f"{m.canary:.3f}",
             decision.detail,
         )
+
+
+@dataclass(frozen=True)
+class _Undefined:
+    es: float = math.nan
+    ps: float = math.nan
+    ns: float = math.nan
+    s: float = math.nan
+
+
+_NO_SCORES = _Undefined()
 
 
 def _fmt(scores: object) -> str:
