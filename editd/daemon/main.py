@@ -1,0 +1,266 @@
+"""`editd run`: the daemon, wired top to bottom.
+
+settings → bind the HTTP socket (fail in milliseconds, not after loading a model) → broker →
+serve /livez while loading → model, store, editor → restore the current version → evaluator →
+consume until a signal. Signals are handled only here: the first SIGTERM/SIGINT stops intake
+and lets the in-flight edit finish (its version becomes durable and its offsets committed);
+a second one exits at once, which is safe too: an edit that was not durable is replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import generate_latest
+from pydantic import SecretStr
+
+from editd.config import TOKEN_FILE, Settings, admin_token
+from editd.consumers.broker import BrokerError, EmbeddedBroker, default_topics, ensure_topics
+from editd.consumers.consumer import BatchFailed, FactConsumer
+from editd.daemon.api import create_app
+from editd.daemon.errors import FatalError, Unavailable
+from editd.daemon.server import HttpServer
+from editd.daemon.service import Canary, EditService
+from editd.facts import FactUpdate
+from editd.monitoring.metrics import Metrics
+
+log = logging.getLogger("editd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BIND = 3
+EXIT_INTERRUPTED = 130
+
+PROBE_SEED = 7_919  # the built-in model's probe facts: fixed, so scores compare across runs
+
+
+class _Starting:
+    """Stands in for the service until the model is loaded: live, not ready, refuses work."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.target: EditService | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.model.name
+
+    def current_version(self) -> int:
+        return self.target.current_version() if self.target else 0
+
+    def is_ready(self) -> bool:
+        return self.target.is_ready() if self.target else False
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self._metrics.observe_request(route, status, seconds)
+
+    def metrics_payload(self) -> bytes:
+        if self.target:
+            return self.target.metrics_payload()
+        return generate_latest(self._metrics.registry)
+
+    def on_fatal(self, error: FatalError) -> None:
+        if self.target:
+            self.target.on_fatal(error)
+
+    def __getattr__(self, name: str) -> Any:
+        if self.target is None:
+            raise Unavailable("the model is still loading")
+        return getattr(self.target, name)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        server = HttpServer.bind(settings.serve.host, settings.serve.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.serve.host, settings.serve.port, exc)
+        return EXIT_BIND
+    settings = _with_admin_token(settings)
+    stop = threading.Event()
+    consumer: list[FactConsumer] = []
+    _install_signals(stop, consumer)
+    metrics = Metrics()
+    service_proxy = _Starting(settings, metrics)
+    with ExitStack() as stack:
+        stack.callback(server.stop)
+        server.start(create_app(service_proxy, settings.serve))
+        log.info("HTTP on %s (not ready until the model is loaded)", server.url)
+        try:
+            servers = _kafka(settings, stack)
+        except BrokerError as exc:
+            log.error("embedded broker: %s", exc)
+            return EXIT_FAILURE
+        service = _load(settings, metrics, servers, stack)
+        service_proxy.target = service
+        if stop.is_set():
+            return EXIT_OK
+        fc = FactConsumer(
+            settings.kafka,
+            settings.facts,
+            service.apply_batch,
+            service.known_fact_ids,
+            bootstrap_servers=servers,
+        )
+        service.consumer_stats = fc.stats
+        service.consumer_lag = fc.lag
+        consumer.append(fc)
+        if stop.is_set():
+            fc.stop()
+        log.info(
+            "ready: version %d, consuming %s on %s",
+            service.current_version(),
+            settings.kafka.topic,
+            ",".join(servers),
+        )
+        try:
+            fc.run()
+        except BatchFailed as exc:
+            log.error("stopping: %s", exc)
+            return EXIT_FAILURE
+        log.info("stopped cleanly at version %d", service.current_version())
+    return EXIT_OK
+
+
+def _with_admin_token(settings: Settings) -> Settings:
+    """Use the configured admin token, or generate one into the data dir (see admin_token)."""
+    token = admin_token(settings)
+    if token is None:
+        data_dir = Path(settings.store.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        fd = os.open(data_dir / TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        log.info("admin token written to %s", data_dir / TOKEN_FILE)
+    serve = settings.serve.model_copy(update={"admin_token": SecretStr(token)})
+    return settings.model_copy(update={"serve": serve})
+
+
+def _install_signals(stop: threading.Event, consumer: list[FactConsumer]) -> None:
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            # Second signal: exit now. Nothing is lost: what is not durable is replayed.
+            os._exit(EXIT_INTERRUPTED)
+        log.info("%s: finishing the in-flight batch, then stopping", signal.Signals(signum).name)
+        stop.set()
+        for c in consumer:
+            c.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
+    kafka = settings.kafka
+    if kafka.bootstrap_servers:
+        ensure_topics(kafka.bootstrap_servers, default_topics(kafka), kafka.partitions)
+        return list(kafka.bootstrap_servers)
+    broker = EmbeddedBroker(
+        port=kafka.embedded_port, topics=default_topics(kafka), partitions=kafka.partitions
+    ).start()
+    stack.callback(broker.stop)
+    log.info("embedded broker on %s (memory storage)", broker.bootstrap_servers[0])
+    return broker.bootstrap_servers
+
+
+def _load(
+    settings: Settings, metrics: Metrics, servers: list[str], stack: ExitStack
+) -> EditService:
+    # torch and transformers load here, after the socket and the broker are up.
+    from editd.editing.editor import Editor, EditorConfig
+    from editd.editing.model import ModelHandle
+    from editd.editing.stats import default_corpus
+    from editd.monitoring.evaluator import Evaluator
+    from editd.monitoring.policy import Baseline
+    from editd.store.store import EditStore
+
+    builtin = settings.model.path is None
+    path = _model_path(settings)
+    handle = ModelHandle.load(
+        path,
+        settings.model.device,
+        settings.model.dtype,
+        module_template=settings.editing.module_template,
+    )
+    data_dir = Path(settings.store.data_dir)
+    editor = Editor(
+        handle,
+        EditorConfig.from_settings(settings.editing),
+        corpus=default_corpus(settings.editing.stats_corpus),
+        cache_dir=data_dir / "cache",
+    )
+    base = {name: handle.weight(name).detach().cpu().clone() for name in editor.modules}
+    store = EditStore(data_dir, snapshot_every=settings.store.snapshot_every)
+    store.open_or_create(base)
+    stack.callback(store.close)
+    log.info("C0 statistics ready in %.1fs", editor.prepare())
+
+    canary, probes = _evaluation_sets(settings, builtin)
+    service = EditService(
+        settings, handle, editor, store, metrics, bootstrap_servers=servers, canary=canary
+    )
+    # The base model is what the handle serves before `restore`: score it now, so drift is
+    # known from the first evaluation even when the daemon restarts far past version 0.
+    base_scores = service.score([], probes)
+    service.restore()
+    service.publish_rejections()
+    evaluator: Evaluator[FactUpdate] = Evaluator.from_settings(
+        settings.eval,
+        score=service.score,
+        rollback=service.policy_rollback,
+        metrics=metrics,
+        probe_facts=probes,
+        baseline=Baseline(probe=base_scores.probe, canary=base_scores.canary),
+    )
+    service.evaluator = evaluator
+    evaluator.start()
+    stack.callback(evaluator.stop)
+    return service
+
+
+def _model_path(settings: Settings) -> Path:
+    if settings.model.path is not None:
+        return Path(settings.model.path)
+    from editd.world.builtin import builtin_model_dir
+
+    return builtin_model_dir()
+
+
+def _evaluation_sets(settings: Settings, builtin: bool) -> tuple[Canary | None, list[FactUpdate]]:
+    """Probe facts (must not change) and the canary, from the configured files or the world."""
+    from editd.consumers.publish import load_facts
+
+    probes: list[FactUpdate] = []
+    if settings.eval.probe_file is not None:
+        text = Path(settings.eval.probe_file).read_text(encoding="utf-8")
+        probes = list(load_facts(text, settings.facts).facts)
+    elif builtin:
+        from editd.world.requests import make_requests
+
+        probes = make_requests(settings.eval.probe_size, seed=PROBE_SEED)
+    probes = [as_probe(f) for f in probes[: settings.eval.probe_size]]
+    canary = None
+    if builtin:
+        from editd.world.requests import unedited_examples
+
+        pairs = unedited_examples(probes, settings.eval.probe_size, seed=PROBE_SEED)
+        canary = Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs))
+    return canary, probes
+
+
+def as_probe(fact: FactUpdate) -> FactUpdate:
+    """A fact that must not change: its own prompts join its neighbourhood, so NS asks that
+    the model keeps preferring the true object on all of them."""
+    own = (fact.rendered_prompt, *fact.paraphrase_prompts)
+    return fact.model_copy(
+        update={"neighborhood_prompts": own + fact.neighborhood_prompts, "paraphrase_prompts": ()}
+    )
