@@ -95,6 +95,9 @@ class EvalSettings(Section):
     after_each_version: bool = True
     sample_size: int = Field(64, gt=0, description="Applied facts re-scored per evaluation.")
     probe_size: int = Field(64, gt=0, description="Facts that must not change.")
+    probe_file: Path | None = Field(
+        None, description="Probe facts (JSONL/CounterFact); empty: drawn from the built-in world."
+    )
     min_es: float = Field(0.8, ge=0, le=1)
     min_ps: float = Field(0.5, ge=0, le=1)
     min_ns: float = Field(0.7, ge=0, le=1)
@@ -159,6 +162,22 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _FileSource(settings_cls)
+
+
+TOKEN_FILE = "admin-token"
+
+
+def admin_token(settings: Settings) -> str | None:
+    """The configured admin token, else the one the daemon generated in its data directory.
+
+    The daemon never runs with the admin API disabled by accident: with no `serve.admin_token`
+    it writes a random one to `<data_dir>/admin-token` (mode 0600), which local CLI commands
+    (`editd rollback`, `editd eval`) pick up.
+    """
+    if settings.serve.admin_token is not None:
+        return settings.serve.admin_token.get_secret_value()
+    path = Path(settings.store.data_dir) / TOKEN_FILE
+    return path.read_text().strip() if path.is_file() else None
 
 
 class ConfigError(ValueError):

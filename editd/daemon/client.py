@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from editd.config import ServeSettings, Settings
+from editd.config import ServeSettings, Settings, admin_token
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -117,10 +117,7 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """`editd eval [--json] [--url URL]`: evaluate now, with the configured admin token."""
-    token = settings.serve.admin_token
-    client = DaemonClient(
-        args.url or daemon_url(settings.serve), token.get_secret_value() if token else None
-    )
+    client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
     return _run(lambda: client.evaluate(), args, title=f"evaluation of {client.url}")
 
 

@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Any
 
-from editd.config import Settings
+from editd.config import Settings, admin_token
 from editd.store.store import (
     EditStore,
     StoreError,
@@ -87,10 +87,7 @@ def rollback(args: argparse.Namespace, settings: Settings) -> int:
     from editd.daemon.client import DaemonClient, DaemonError, DaemonUnreachable, daemon_url
 
     reason = getattr(args, "reason", None) or "operator rollback"
-    token = settings.serve.admin_token
-    client = DaemonClient(
-        args.url or daemon_url(settings.serve), token.get_secret_value() if token else None
-    )
+    client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
     try:
         answer = client.rollback(args.version, reason)
     except DaemonUnreachable:
