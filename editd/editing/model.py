@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from editd.store.weights import served_weight
 
 log = logging.getLogger(__name__)
 
@@ -235,31 +238,41 @@ class ModelHandle:
     def writing(self):  # -> contextmanager
         return self._lock.writing()
 
-    def set_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
+    def set_deltas(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        then: Callable[[], None] | None = None,
+    ) -> float:
         """Serve `cast(base + delta)` for each named weight, atomically for readers.
 
         `deltas` holds the accumulated update of every edited weight (not an increment). Names
         edited before but absent here go back to their base values. Accumulation is float32
-        whatever the model's dtype.
+        whatever the model's dtype. The new weights are computed before the write lock is
+        taken, so readers wait only for the copies; `then` runs under the same lock, so state
+        that must change together with the weights (the served version number) does.
+        Returns the seconds the write lock was held (the swap pause requests may see).
         """
-        with self.writing():
-            self._write(deltas)
-
-    def _write(self, deltas: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, delta in deltas.items():
-                w = self.weight(name)
-                if delta.shape != w.shape:
-                    raise ValueError(
-                        f"delta for {name} has shape {tuple(delta.shape)}, "
-                        f"weight has {tuple(w.shape)}"
-                    )
-                base = self._base_of(name)
-                new = base.float() + delta.to(device=w.device, dtype=torch.float32)
-                w.copy_(new.to(w.dtype))
-            for name in self._edited - set(deltas):
-                self.weight(name).copy_(self.base[name])
-        self._edited = set(deltas)
+            staged = {name: self._served(name, delta) for name, delta in deltas.items()}
+        with self.writing():
+            start = time.perf_counter()
+            with torch.no_grad():
+                for name, new in staged.items():
+                    self.weight(name).copy_(new)
+                for name in self._edited - set(staged):
+                    self.weight(name).copy_(self.base[name])
+            self._edited = set(staged)
+            if then is not None:
+                then()
+            return time.perf_counter() - start
+
+    def _served(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        w = self.weight(name)
+        if delta.shape != w.shape:
+            raise ValueError(
+                f"delta for {name} has shape {tuple(delta.shape)}, weight has {tuple(w.shape)}"
+            )
+        return served_weight(self._base_of(name), delta.to(device=w.device, dtype=torch.float32))
 
     def _base_of(self, name: str) -> torch.Tensor:
         if name not in self.base:
