@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("build", "editd.world.build:main", "Train the built-in model.", msub)
     p.add_argument("--out", type=Path, help="Output directory (default: the packaged model).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--cycles", help='Training cycles "EPOCHS:LR,..." (default: the recipe).')
+    p.add_argument("--resume", type=Path, help="Continue a build saved after a cycle.")
     p = command("eval", "editd.world.evaluate:main", "Measure the built-in model.", msub)
     p.add_argument("--model", type=Path, help="Model directory (default: built-in).")
     p.add_argument("--json", action="store_true")
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
     p.add_argument("--out", type=Path, default=Path("docs/study"))
+    p.add_argument("--model", type=Path)
+    p.add_argument("--algos", help="Comma-separated methods (default memit,emmet).")
+    p.add_argument("--batch-sizes", help="One-batch sizes (default 1,16,64,256,1024).")
+    p.add_argument("--min-facts", type=int, help="Facts per one-batch point, at least.")
+    p.add_argument("--sequential-total", type=int, help="Facts in each sequential run.")
+    p.add_argument("--sequential-batch-sizes", help="Sequential batch sizes, comma-separated.")
+    p.add_argument("--canary-size", type=int, help="Unedited facts in the canary.")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -24,9 +24,10 @@ class TrainConfig:
     layers: int = 6
     heads: int = 4
     kv_heads: int = 2
-    epochs: int = 12
-    batch_size: int = 256
-    lr: float = 3e-3
+    # (epochs, peak learning rate) per cycle of warm-up + cosine decay. Facts are memorised
+    # slowly on two cores; a second, gentler cycle lifts the long tail of facts.
+    cycles: tuple[tuple[int, float], ...] = ((14, 3e-3), (10, 1.5e-3))
+    batch_size: int = 128
     warmup_steps: int = 200
     weight_decay: float = 0.01
     seed: int = 0
@@ -44,7 +45,8 @@ def model_config(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> LlamaC
         max_position_embeddings=128,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        # Tied like Llama-3.2-1B: keeps the shipped model small with a word-sized vocabulary.
+        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -81,11 +83,11 @@ def _batch(
     return ids, attn, target
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -111,50 +113,76 @@ def train(
     tokenizer: PreTrainedTokenizerBase,
     examples: list[tuple[str, str]],
     cfg: TrainConfig,
-    on_epoch: Callable[[int, LlamaForCausalLM], None] | None = None,
+    on_epoch: Callable[[int, LlamaForCausalLM], bool] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    *,
+    model: LlamaForCausalLM | None = None,
+    first_cycle: int = 0,
 ) -> LlamaForCausalLM:
+    """Train through `cfg.cycles`, or, given a `model` saved after cycle k, from cycle k+1 on.
+
+    Each cycle starts a fresh optimizer and its own warm-up and cosine decay (warm restarts):
+    a model resumed at a cycle boundary continues exactly as an uninterrupted build would.
+    """
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    model = LlamaForCausalLM(model_config(tokenizer, cfg))
-    model.train()
+    first_rng = random.Random(cfg.seed)
+    if model is None:
+        model = LlamaForCausalLM(model_config(tokenizer, cfg))
+    model.train().requires_grad_(True)
     encoded = encode_examples(tokenizer, examples)
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = steps_per_epoch * sum(epochs for epochs, _ in cfg.cycles[first_cycle:])
+    pad_id = tokenizer.pad_token_id
+    done = 0
+    epoch_no = sum(epochs for epochs, _ in cfg.cycles[:first_cycle])
+    for cycle, (epochs, peak_lr) in enumerate(cfg.cycles):
+        if cycle < first_cycle:
+            continue
+        rng = first_rng if cycle == 0 else random.Random(cfg.seed + cycle)
+        opt = _optimizer(model, cfg)
+        cycle_steps = steps_per_epoch * epochs
+        step = 0
+        for _ in range(epochs):
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            for i in range(0, len(order), cfg.batch_size):
+                ids, attn, target = _batch(
+                    [encoded[j] for j in order[i : i + cfg.batch_size]], pad_id
+                )
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, cycle_steps, peak_lr, cfg.warmup_steps)
+                hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+                logits = model.lm_head(hidden[target])  # (n_targets, vocab)
+                labels = ids[:, 1:][target[:, :-1]]
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                done += 1
+                if progress is not None:
+                    progress(done, total, loss.item())
+            epoch_no += 1
+            # The callback may stop training early once the model knows its world well enough.
+            if on_epoch is not None and on_epoch(epoch_no - 1, model):
+                model.eval().requires_grad_(False)
+                return model
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _optimizer(model: LlamaForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ],
-        lr=cfg.lr,
+        lr=cfg.cycles[0][1],
         betas=(0.9, 0.98),
     )
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    step = 0
-    pad_id = tokenizer.pad_token_id
-    for epoch in range(cfg.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            ids, attn, target = _batch([encoded[j] for j in order[i : i + cfg.batch_size]], pad_id)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
-            hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
-            logits = model.lm_head(hidden[target])  # (n_targets, vocab)
-            labels = ids[:, 1:][target[:, :-1]]
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if progress is not None:
-                progress(step, total, float(loss))
-        if on_epoch is not None:
-            on_epoch(epoch, model)
-    model.eval()
-    return model
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:

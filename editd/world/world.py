@@ -241,11 +241,16 @@ class World:
             name: Relation(name, templates, objects[name]) for name, templates in RELATIONS_SPEC
         }
 
-        def name() -> str:
-            words = rng.choices([1, 2, 3], weights=[1, 7, 2])[0]
-            return " ".join(_word(rng, (1, 2)) for _ in range(words))
+        # First names repeat across subjects, as they do in life; the last word is unique, so
+        # a subject is identified by its last token, where locate-and-edit methods read keys.
+        first_names = _unique(lambda: _word(rng, (1, 2)), 150, taken)
+        last_names = _unique(lambda: _word(rng, (2, 2)), n_subjects, taken)
 
-        self.subjects: tuple[str, ...] = tuple(_unique(name, n_subjects, taken))
+        def name(last: str) -> str:
+            words = rng.choices([1, 2, 3], weights=[1, 7, 2])[0]
+            return " ".join([*rng.sample(first_names, words - 1), last])
+
+        self.subjects: tuple[str, ...] = tuple(name(last) for last in last_names)
         self._truth: dict[tuple[str, str], str] = {}
         self._heldout: dict[tuple[str, str], int] = {}
         for subject in self.subjects:
