@@ -198,6 +198,10 @@ class Batcher:
                 del self._held[origin.tp]
 
     def _consumed(self, origin: Origin) -> None:
+        if origin.tp not in self._consumed_end:
+            # The first record read from a partition sits at the group's committed position
+            # (or where the reset policy put it): committing that position again is a no-op.
+            self._committed.setdefault(origin.tp, origin.offset)
         # Assigned, not maxed: records of a partition arrive in order, so an offset lower than
         # the last means the position was rewound (a seek, or an in-memory broker restarted
         # empty), and the old end would point past the new log.
@@ -284,6 +288,14 @@ class Batcher:
 
     def mark_committed(self, offsets: Mapping[Partition, int]) -> None:
         self._committed.update(offsets)
+
+    def partitions(self) -> set[Partition]:
+        """Partitions this batcher holds any state for."""
+        return set(self._consumed_end) | set(self._committed) | set(self._held)
+
+    def committed_position(self, tp: Partition) -> int | None:
+        """The last position committed for `tp` (or where reading started); None if unread."""
+        return self._committed.get(tp)
 
     # -- rebalance ------------------------------------------------------------------------
 

@@ -68,6 +68,8 @@ class Backoff:
             delay = min(self.maximum, delay * self.factor)
 
 
+REBUILD_AFTER_S = 60.0
+"""After this long without a group coordinator, the Kafka clients are replaced."""
 RECONNECT_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 """Between attempts to reach a broker that is gone (connect, commit, dead-letter)."""
 
@@ -161,6 +163,7 @@ class FactConsumer:
         backoff: Backoff = RECONNECT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         client_config: Mapping[str, Any] | None = None,
+        rebuild_after_s: float = REBUILD_AFTER_S,
     ) -> None:
         servers = list(bootstrap_servers or kafka.bootstrap_servers)
         if not servers:
@@ -180,6 +183,11 @@ class FactConsumer:
         self._stop = threading.Event()
         self._abandon = False
         self._listener = _RebalanceRecorder()
+        # Revoked partitions and their committed position, until the next assignment says
+        # whether they came back (then the loop seeks there) or moved to another member.
+        self._rewind: dict[Partition, int] = {}
+        self._coordinator_lost_at: float | None = None
+        self.rebuild_after_s = rebuild_after_s
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -300,14 +308,15 @@ class FactConsumer:
                 self._state = state
 
     def _loop(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
         poll_errors = self.backoff.delays()
         while True:
             if self._stop.is_set() and self._state is not State.STOPPING:
                 self._set_state(State.STOPPING)
                 log.info("stopping: %d facts pending are left for redelivery", self.batcher.pending)
             if self._state is State.STOPPING and (self._edit is None or self._abandon):
+                return
+            consumer = self._consumer
+            if consumer is None:  # a rebuild was stopped before it reconnected
                 return
             try:
                 records = consumer.poll(timeout_ms=self._poll_timeout_ms())
@@ -318,9 +327,17 @@ class FactConsumer:
                 log.warning("poll failed (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 continue
+            if self._coordinator_lost_too_long(consumer):
+                self._rebuild()
+                continue
             # Rebalance events first: they describe the assignment before these records.
-            self._handle_rebalance(consumer)
-            for tp_records in records.values():
+            rewound = self._handle_rebalance(consumer)
+            for tp, tp_records in records.items():
+                key = (tp.topic, tp.partition)
+                if key in rewound or key in self._rewind:
+                    # Fetched from a position this member no longer trusts (revoked, or just
+                    # rewound): the same records come again from the committed position.
+                    continue
                 for record in tp_records:
                     self._handle_record(record)
             self._check_dead_letters()
@@ -338,6 +355,42 @@ class FactConsumer:
             self._commit_done(consumer)
             self._update_lag(consumer)
 
+    def _coordinator_lost_too_long(self, consumer: KafkaConsumer) -> bool:
+        """True once the group coordinator has been unreachable for `rebuild_after_s`.
+
+        kafka-python reconnects by itself, but seen here once in six broker restarts under
+        load, its client stayed at "No node available for metadata refresh" for minutes after
+        the broker was back. New clients recover from that. `coordinator_unknown()` is not
+        public API; without it this watchdog is simply off.
+        """
+        probe = getattr(getattr(consumer, "_coordinator", None), "coordinator_unknown", None)
+        if not callable(probe) or not probe():
+            self._coordinator_lost_at = None
+            return False
+        now = self._clock()
+        if self._coordinator_lost_at is None:
+            self._coordinator_lost_at = now
+        return now - self._coordinator_lost_at > self.rebuild_after_s
+
+    def _rebuild(self) -> None:
+        """Replace the Kafka clients; everything not committed is read again."""
+        log.warning(
+            "no group coordinator for %.0fs: reconnecting with new Kafka clients",
+            self.rebuild_after_s,
+        )
+        self.stats.broker_errors += 1
+        self._coordinator_lost_at = None
+        partitions = self.batcher.partitions()
+        self.stats.revoked_dropped += self.batcher.revoke(partitions)
+        self._dead_letters.clear()
+        self._rewind.clear()
+        self._close_clients()
+        self._listener = _RebalanceRecorder()  # events of the old client are stale
+        connected = self._connect()
+        consumer = self._consumer
+        if connected and consumer is not None and self._edit is not None:
+            consumer.pause(*consumer.assignment())
+
     def _poll_timeout_ms(self) -> int:
         if self._edit is not None or self._state is State.STOPPING:
             return int(EDIT_POLL_INTERVAL_S * 1000)
@@ -347,24 +400,39 @@ class FactConsumer:
             wait = min(wait, EDIT_POLL_INTERVAL_S)
         return max(0, int(wait * 1000))
 
-    def _handle_rebalance(self, consumer: KafkaConsumer) -> None:
+    def _handle_rebalance(self, consumer: KafkaConsumer) -> set[Partition]:
+        """Apply the rebalance events of the last poll; return the partitions rewound."""
+        rewound: set[Partition] = set()
         while True:
             try:
                 kind, partitions = self._listener.events.get_nowait()
             except queue.Empty:
-                return
+                return rewound
             if not partitions:
                 continue
             if kind == "assigned":
+                # kafka-python 3.0.12 keeps the fetch position of a partition that is revoked
+                # and assigned straight back (eager rebalance), but its pending facts were
+                # dropped on revocation: read it again from the last committed position.
+                for tp in partitions:
+                    offset = self._rewind.pop(tp, None)
+                    if offset is not None:
+                        consumer.seek(TopicPartition(*tp), offset)
+                        rewound.add(tp)
+                self._rewind.clear()
                 log.info("assigned %s", _fmt(partitions))
                 continue
+            for tp in partitions:
+                offset = self.batcher.committed_position(tp)
+                if offset is not None:
+                    self._rewind[tp] = offset
             dropped = self.batcher.revoke(partitions)
             lost = set(partitions)
             kept = [d for d in self._dead_letters if d.origin.tp not in lost]
             self._dead_letters = kept
             self.stats.revoked_dropped += dropped
             log.info(
-                "%s %s: %d pending facts dropped (their next owner reads them again)",
+                "%s %s: %d pending facts dropped (read again by the partition's next owner)",
                 kind,
                 _fmt(partitions),
                 dropped,
@@ -439,9 +507,8 @@ class FactConsumer:
             return
         consumer.pause(*consumer.assignment())
         assert self._executor is not None
-        future = self._executor.submit(self._apply, batch)
-        self._edit = (batch, future)
         self._set_state(State.EDITING)
+        self._edit = (batch, self._executor.submit(self._apply, batch))
         log.info("editing batch %d: %d facts", batch.seq, len(batch))
 
     def _apply(self, batch: FactBatch) -> int:
@@ -495,6 +562,7 @@ class FactConsumer:
         except CommitFailedError as exc:
             # The group rebalanced under us: the revocation arrives with the next poll and the
             # records of partitions that moved are delivered again to their new owner.
+            self._next_commit_at = self._clock() + next(self._commit_backoff)
             log.warning("commit rejected by the group (%s); will retry after the rebalance", exc)
             return False
         except KafkaError as exc:
