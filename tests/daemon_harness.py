@@ -47,10 +47,22 @@ class Daemon:
         self.admin_token = admin_token
         self.data_dir = data_dir
         self.args = [
-            sys.executable, "-m", "editd", "run",
-            "--bootstrap-servers", ",".join(servers), "--topic", topic,
-            "--data-dir", str(data_dir), "--batch-size", str(batch_size),
-            "--linger", str(linger), "--http-port", str(self.port),
+            sys.executable,
+            "-m",
+            "editd",
+            "run",
+            "--bootstrap-servers",
+            ",".join(servers),
+            "--topic",
+            topic,
+            "--data-dir",
+            str(data_dir),
+            "--batch-size",
+            str(batch_size),
+            "--linger",
+            str(linger),
+            "--http-port",
+            str(self.port),
         ]
         self.env = {
             **os.environ,
@@ -69,8 +81,12 @@ class Daemon:
     def start(self) -> Daemon:
         self.lines = []
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1,
+            self.args,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         return self
@@ -126,8 +142,9 @@ class Daemon:
         return httpx.post(self.url + path, json=body, headers=headers, timeout=300)
 
     def complete(self, prompt: str, max_tokens: int = 4) -> tuple[str, int]:
-        r = self.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
-                                          "temperature": 0})
+        r = self.post(
+            "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        )
         r.raise_for_status()
         return r.json()["choices"][0]["text"], int(r.headers["x-editd-model-version"])
 
@@ -150,8 +167,9 @@ class Daemon:
 
 def read_topic(servers: list[str], topic: str, expect: int, timeout: float = 30.0) -> list[Any]:
     """All records of a single-partition topic, waiting until at least `expect` arrived."""
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,
-                             consumer_timeout_ms=1000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=1000
+    )
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)

@@ -34,8 +34,9 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 def new_topic(broker: EmbeddedBroker) -> str:
     name = f"facts-{uuid.uuid4().hex[:8]}"
-    ensure_topics(broker.bootstrap_servers, [name, f"{name}.dlq", f"{name}.rejected"],
-                  replication_factor=1)
+    ensure_topics(
+        broker.bootstrap_servers, [name, f"{name}.dlq", f"{name}.rejected"], replication_factor=1
+    )
     return name
 
 
@@ -99,8 +100,9 @@ def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
 
         # The model now states the new facts.
         sample = rng.sample(facts, 20)
-        right = sum(d.complete(f.rendered_prompt)[0].strip().startswith(f.target_new)
-                    for f in sample)
+        right = sum(
+            d.complete(f.rendered_prompt)[0].strip().startswith(f.target_new) for f in sample
+        )
         assert right >= 17, d.log()
 
         # Roll back 8 → 3 → 0: served tensors equal version 3's manifest, then the base.
@@ -113,8 +115,9 @@ def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
             want = versions[target]["sha256"] if target else base_sha
             assert status["served_sha256"] == want
         rejected = read_topic(servers, f"{topic}.rejected", expect=len(facts))
-        assert sorted(r.headers and dict(r.headers)["fact_id"].decode() for r in rejected) == \
-            sorted(f.fact_id for f in facts)
+        assert sorted(
+            r.headers and dict(r.headers)["fact_id"].decode() for r in rejected
+        ) == sorted(f.fact_id for f in facts)
         assert d.terminate() == 0
 
 
@@ -130,8 +133,20 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
     rng = random.Random(5)
     # Kill points: while batching, during an edit, and just after a version became durable
     # but before its offsets were committed (the log line comes between the two).
-    points = ["ready", "editing batch", "version ", "ready", "editing batch", "version ",
-              "editing batch", "version ", "ready", "version ", "editing batch", "version "]
+    points = [
+        "ready",
+        "editing batch",
+        "version ",
+        "ready",
+        "editing batch",
+        "version ",
+        "editing batch",
+        "version ",
+        "ready",
+        "version ",
+        "editing batch",
+        "version ",
+    ]
     kills = 0
     for point in points:
         daemon.start()
@@ -144,7 +159,8 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
                 time.sleep(rng.uniform(0, 0.2))
         except AssertionError:
             if all(len(m["fact_ids"]) for m in manifests(store)) and _applied(store) == {
-                    f.fact_id for f in facts}:
+                f.fact_id for f in facts
+            }:
                 break  # everything is applied; nothing left to interrupt
             raise
         daemon.kill()
@@ -154,8 +170,9 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
     deadline = time.monotonic() + 600
     while _applied(store) != {f.fact_id for f in facts} and time.monotonic() < deadline:
         time.sleep(1)
-    counts = collections.Counter(i for m in manifests(store) if m["state"] == "committed"
-                                 for i in m["fact_ids"])
+    counts = collections.Counter(
+        i for m in manifests(store) if m["state"] == "committed" for i in m["fact_ids"]
+    )
     assert kills >= 10
     assert set(counts) == {f.fact_id for f in facts}, daemon.log()
     assert max(counts.values()) == 1
