@@ -78,9 +78,10 @@ def apply_sequentially(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EditRun:
-    """Edit `requests` in order, `batch_size` at a time, on top of what the handle serves now.
+    """Edit `requests` in order, `batch_size` at a time, starting from the base weights.
 
-    The caller resets the handle and the editor for a run from the base model.
+    The handle's served deltas are replaced by this run's; the editor's preservation state is
+    the caller's to reset (`reset`) when a run must not preserve earlier runs' keys.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
@@ -167,7 +168,13 @@ def run_bench(
     prompts, objects = canary_set(requests, canary_size, seed)
     base_canary = canary(handle, prompts, objects)
     editor = make_editor(handle, settings, algo)
-    run = apply_sequentially(handle, editor, requests, batch_size)
+    run = apply_sequentially(
+        handle,
+        editor,
+        requests,
+        batch_size,
+        on_batch=lambda done, total: log.info("edited %d/%d facts", done, total),
+    )
     t = time.perf_counter()
     scores = summarize(score(handle, requests))
     after_canary = canary(handle, prompts, objects)
