@@ -8,6 +8,7 @@ every dashboard panel and alert expression.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -181,4 +182,9 @@ def test_serves_while_editing_rolls_back_a_damaging_batch_and_exports_everything
             prom.wait_for_scrapes(3)
             report = check_expressions(prom, dashboard_queries() + alert_queries())
             assert report.ok, f"{report}\n{prom.log_tail()}"
+            if os.environ.get("EDITD_RENDER_DASHBOARD"):
+                # How the README's picture is made: this session's panels, drawn from data.
+                from scripts.render_dashboard import render
+
+                render(prom.url, Path(os.environ["EDITD_RENDER_DASHBOARD"]), minutes=10)
         assert d.terminate() == 0
