@@ -287,22 +287,20 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     broker = EmbeddedBroker(port=port, topics=default_topics(kafka), partitions=kafka.partitions)
     try:
         broker.start()
-    except BrokerError as exc:
-        print(f"editd broker: {exc}", file=sys.stderr)
-        return EXIT_BROKER_DIED
-    try:
         print(
             f"editd broker: listening on {broker.bootstrap_servers[0]} (memory storage), "
             f"topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
             file=sys.stderr,
             flush=True,
         )
-        try:
-            code = broker.wait()
-        except KeyboardInterrupt:
-            return EXIT_OK
+        code = broker.wait()
         tail = broker.output()
-        print(f"editd broker: the broker exited with code {code}:\n{tail}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C is how this command is meant to end, even mid-start
+        return EXIT_OK
+    except BrokerError as exc:
+        print(f"editd broker: {exc}", file=sys.stderr)
         return EXIT_BROKER_DIED
     finally:
         broker.stop()
+    print(f"editd broker: the broker exited with code {code}:\n{tail}", file=sys.stderr)
+    return EXIT_BROKER_DIED
