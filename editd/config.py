@@ -84,10 +84,11 @@ class EditingSettings(Section):
     stats_corpus: Path | None = Field(
         None, description="Text or JSONL corpus for C0; empty uses the built-in world corpus."
     )
-    target_steps: int = Field(40, gt=0)
-    target_lr: float = Field(0.5, gt=0)
-    kl_factor: float = Field(0.0625, ge=0)
-    clamp_norm_factor: float = Field(4.0, gt=0)
+    # Target optimisation; empty keeps the engine's tuned defaults (editing/targets.py).
+    target_steps: int | None = Field(None, gt=0, description="Most optimisation steps.")
+    target_lr: float | None = Field(None, gt=0)
+    kl_factor: float | None = Field(None, ge=0)
+    clamp_norm_factor: float | None = Field(None, gt=0)
 
 
 class EvalSettings(Section):

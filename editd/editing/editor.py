@@ -55,13 +55,13 @@ class EditorConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> EditorConfig:
         """From the `editing` section of the settings tree (`editd.config.EditingSettings`)."""
-        targets = replace(
-            TargetConfig(),
-            steps=settings.target_steps,
-            lr=settings.target_lr,
-            kl_factor=settings.kl_factor,
-            clamp_norm=settings.clamp_norm_factor,
-        )
+        overrides = {
+            "steps": settings.target_steps,
+            "lr": settings.target_lr,
+            "kl_factor": settings.kl_factor,
+            "clamp_norm": settings.clamp_norm_factor,
+        }
+        targets = replace(TargetConfig(), **{k: v for k, v in overrides.items() if v is not None})
         return cls(
             algo=settings.algo,
             layers=tuple(settings.layers) if settings.layers else None,
