@@ -1,0 +1,184 @@
+"""The editor pipeline on a tiny random Llama: reads without writing, edits only its layers."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from editing_support import CORPUS, tiny_llama_dir
+from safetensors import safe_open
+
+from editd.editing.editor import Editor, EditorConfig
+from editd.editing.model import ModelHandle, tensor_sha256
+from editd.editing.stats import Corpus, layer_second_moments
+from editd.editing.targets import TargetConfig
+from editd.facts import FactUpdate
+
+FACTS = [
+    FactUpdate(
+        subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English"
+    ),
+    FactUpdate(subject="Toko Yasuda", prompt="{} plays the", target_new="piano"),
+    FactUpdate(subject="Barack Obama", prompt="{} was born in", target_new="Rome"),
+    FactUpdate(subject="Apple A5", prompt="{} was created by", target_new="Google"),
+]
+QUICK = TargetConfig(steps=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny"), layers=6)
+
+
+def _corpus() -> Corpus:
+    return Corpus(texts=tuple(CORPUS * 30), name="test")
+
+
+def _all_sha(handle: ModelHandle) -> dict[str, str]:
+    return {n: tensor_sha256(p) for n, p in handle.model.named_parameters()}
+
+
+def _editor(handle: ModelHandle, tmp_path: Path, **kw) -> Editor:
+    cfg = EditorConfig(targets=QUICK, **kw)
+    return Editor(handle, cfg, corpus=_corpus(), cache_dir=tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("algo", ["emmet", "memit", "alphaedit"])
+def test_compute_update_leaves_the_model_unchanged(
+    model_dir: Path, tmp_path: Path, algo: str
+) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    editor = _editor(handle, tmp_path, algo=algo)
+    before = _all_sha(handle)
+    update = editor.compute_update(FACTS)
+    assert _all_sha(handle) == before
+    assert all(len(m._forward_hooks) == 0 for m in handle.model.modules())
+    assert (
+        set(update.layers)
+        == set(editor.modules)
+        == {
+            "model.layers.1.mlp.down_proj",
+            "model.layers.2.mlp.down_proj",
+        }
+    )
+    for name, layer in update.layers.items():
+        d_out, d_in = handle.weight(name).shape
+        assert layer.left.shape == (d_out, len(FACTS)) and layer.right.shape == (len(FACTS), d_in)
+        assert layer.keys.shape == (d_in, len(FACTS))
+        assert torch.isfinite(layer.dense()).all()
+    seconds = update.diagnostics["seconds"]
+    assert isinstance(seconds, dict)
+    assert {"stats", "keys", "targets", "solve", "total"} <= set(seconds)
+    assert len(update.diagnostics["target_prob"]) == len(FACTS)  # type: ignore[arg-type]
+    if algo == "emmet":
+        for diag in update.diagnostics["solver"].values():  # type: ignore[union-attr]
+            assert diag["resid_rel_after"] <= 1e-4
+
+
+def test_applying_changes_only_the_edited_layers(model_dir: Path, tmp_path: Path) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    editor = _editor(handle, tmp_path)
+    before = _all_sha(handle)
+    update = editor.compute_update(FACTS)
+    handle.set_deltas({n: u.dense() for n, u in update.layers.items()})
+    after = _all_sha(handle)
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {f"{m}.weight" for m in editor.modules}
+
+    # What the pipeline measured through hooks is what the applied weights compute.
+    from editd.editing.keys import prompt_set, read_at_subject
+
+    prompts = prompt_set(handle.tokenizer, FACTS, editor.config.prefixes)
+    with handle.reading():
+        applied = read_at_subject(handle, prompts, outputs=[editor.last_layer])
+    handle.reset()
+    assert _all_sha(handle) == before
+    with handle.reading():
+        hooked = read_at_subject(
+            handle, prompts, outputs=[editor.last_layer], updates=update.layers
+        )
+    key = editor.last_layer
+    assert torch.allclose(applied[key], hooked[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_are_edited_without_nans(
+    model_dir: Path, tmp_path: Path, dtype: str
+) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu", dtype=dtype)
+    editor = _editor(handle, tmp_path)
+    update = editor.compute_update(FACTS)
+    for layer in update.layers.values():
+        assert layer.left.dtype == torch.float32 and torch.isfinite(layer.dense()).all()
+    handle.set_deltas({n: u.dense() for n, u in update.layers.items()})
+    for name in update.layers:
+        w = handle.weight(name)
+        assert w.dtype == handle.dtype and torch.isfinite(w).all()
+    batch = handle.tokenizer(["The mother tongue of Danielle Darrieux is"], return_tensors="pt")
+    with torch.no_grad():
+        logits = handle.model(**batch).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_commit_preserves_keys_and_reset_to_rebuilds(model_dir: Path, tmp_path: Path) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    editor = _editor(handle, tmp_path)
+    first = editor.compute_update(FACTS[:2])
+    handle.set_deltas({n: u.dense() for n, u in first.layers.items()})
+    editor.commit(first)
+    second = editor.compute_update(FACTS[2:])
+    editor.commit(second)
+    name = editor.modules[0]
+    pres = editor.preservation[name]
+    assert pres.rank == 4
+    k1, k2 = first.layers[name].keys.double(), second.layers[name].keys.double()
+    c = pres.dense()
+    editor.reset_to([{n: u.keys for n, u in first.layers.items()}])
+    assert pres.rank == 2
+    assert torch.allclose(pres.dense(), c - k2 @ k2.T, rtol=1e-9, atol=1e-9)
+    editor.reset_to([])
+    assert pres.rank == 0
+    assert torch.allclose(pres.dense(), c - k2 @ k2.T - k1 @ k1.T, rtol=1e-9, atol=1e-9)
+
+
+def test_c0_is_the_second_moment_of_layer_inputs_and_is_cached(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    name = handle.module_name(1)
+    texts = CORPUS[:6]
+    c0, used = layer_second_moments(handle, [name], texts, tokens=10**6, progress=False)
+    # By hand: inputs of down_proj over every non-special token, one text at a time.
+    rows = []
+    for text in texts:
+        enc = handle.tokenizer(text, return_tensors="pt")
+        captured = {}
+
+        def grab(module, args, output, captured=captured) -> None:
+            captured["x"] = args[0]
+
+        hook = handle.model.get_submodule(name).register_forward_hook(grab)
+        with torch.no_grad():
+            handle.model(**enc)
+        hook.remove()
+        ids = enc["input_ids"][0]
+        rows.append(captured["x"][0][ids != handle.tokenizer.bos_token_id])
+    x = torch.cat(rows).double()
+    assert used == x.shape[0]
+    assert torch.allclose(c0[name], x.T @ x / used, rtol=1e-4, atol=1e-8)
+
+    # A budget is spent exactly; the editor caches by model, module, corpus and budget.
+    editor = _editor(handle, tmp_path, stats_tokens=500)
+    assert editor.prepare() > 0
+    files = sorted((tmp_path / "cache").glob("c0-*.safetensors"))
+    assert len(files) == len(editor.modules)
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["tokens"] == "500"
+    stamp = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    again = _editor(handle, tmp_path, stats_tokens=500)
+    again.prepare()
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == stamp
+    for m in editor.modules:
+        assert torch.equal(editor.preservation[m].dense(), again.preservation[m].dense())
