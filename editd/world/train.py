@@ -26,7 +26,7 @@ class TrainConfig:
     kv_heads: int = 2
     # (epochs, peak learning rate) per cycle of warm-up + cosine decay. Facts are memorised
     # slowly on two cores; a second, gentler cycle lifts the long tail of facts.
-    cycles: tuple[tuple[int, float], ...] = ((14, 3e-3), (10, 1.5e-3))
+    cycles: tuple[tuple[int, float], ...] = ((14, 3e-3), (20, 2e-3))
     batch_size: int = 128
     warmup_steps: int = 200
     weight_decay: float = 0.01
