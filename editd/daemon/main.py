@@ -85,6 +85,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("cannot listen on %s:%s: %s", settings.serve.host, settings.serve.port, exc)
         return EXIT_BIND
     settings = _with_admin_token(settings)
+    # kafka-python logs every reconnect attempt at INFO/ERROR; the consumer reports outages.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     stop = threading.Event()
     consumer: list[FactConsumer] = []
     _install_signals(stop, consumer)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from prometheus_client import generate_latest
 
 from editd.config import Settings
@@ -185,33 +186,53 @@ class EditService:
         return {i for i in ids if i in applied}
 
     def apply_batch(self, batch: Sequence[FactUpdate]) -> None:
-        """Edit, make durable, then serve; returns once the version is in the store."""
+        """Edit, make durable, then serve; returns once the version is in the store.
+
+        A batch the editor cannot apply (a fact whose edit fails, out of memory on a single
+        fact) is published to the rejected topic with the error instead of stopping the
+        consumer: otherwise the same poison batch would be redelivered after every restart.
+        A batch that runs out of memory is split in halves first.
+        """
         with self._edit_lock:
             applied = self.store.applied_fact_ids()
             facts = [f for f in batch if f.fact_id not in applied]
-            if not facts:
-                return
-            log.info("editing batch of %d facts", len(facts))
-            start = time.perf_counter()
+            offsets = dict(getattr(batch, "offsets", {}))
+            if facts:
+                self._apply_locked(facts, offsets)
+
+    def _apply_locked(self, facts: list[FactUpdate], offsets: dict[Any, int]) -> None:
+        log.info("editing batch of %d facts", len(facts))
+        start = time.perf_counter()
+        try:
             update = self.editor.compute_update(facts)
-            seconds = dict(update.diagnostics.get("seconds", {}))  # type: ignore[call-overload]
-            t = time.perf_counter()
-            info = self.store.commit(
-                update,
-                facts=[f.model_dump(mode="json") for f in facts],
-                offsets=dict(getattr(batch, "offsets", {})),
-                timings=seconds,
-                diagnostics=_jsonable(
-                    {k: v for k, v in update.diagnostics.items() if k != "seconds"}
-                ),
-            )
-            store_s = time.perf_counter() - t
-            t = time.perf_counter()
-            pause = self.handle.set_deltas(
-                self.store.deltas(), then=lambda: self._set(info.version)
-            )
-            seconds["apply"] = time.perf_counter() - t
-            self.editor.commit(update)
+        except torch.OutOfMemoryError:
+            if len(facts) == 1:
+                self._reject(facts, "edit failed: out of memory on a single fact")
+                return
+            log.warning("out of memory editing %d facts; splitting the batch", len(facts))
+            half = len(facts) // 2
+            self._apply_locked(facts[:half], offsets)
+            self._apply_locked(facts[half:], offsets)
+            return
+        except (ValueError, RuntimeError) as exc:
+            log.error("edit of %d facts failed: %s", len(facts), exc)
+            self._reject(facts, f"edit failed: {exc}")
+            return
+        seconds = dict(update.diagnostics.get("seconds", {}))  # type: ignore[call-overload]
+        t = time.perf_counter()
+        info = self.store.commit(
+            update,
+            facts=[f.model_dump(mode="json") for f in facts],
+            offsets=offsets,
+            timings=seconds,
+            diagnostics=_jsonable({k: v for k, v in update.diagnostics.items() if k != "seconds"}),
+        )
+        store_s = time.perf_counter() - t
+        t = time.perf_counter()
+        version = info.version
+        pause = self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(version))
+        seconds["apply"] = time.perf_counter() - t
+        self.editor.commit(update)
         total = time.perf_counter() - start
         for stage in STAGES:
             if stage in seconds:
@@ -221,14 +242,37 @@ class EditService:
         self.metrics.facts_applied.inc(len(facts))
         log.info(
             "version %d: %d facts in %.1fs (store %.2fs, swap pause %.1f ms)",
-            info.version,
+            version,
             len(facts),
             total,
             store_s,
             pause * 1e3,
         )
         if self.evaluator is not None:
-            self.evaluator.record_version(info.version, facts)
+            self.evaluator.record_version(version, facts)
+
+    def _reject(self, facts: Sequence[FactUpdate], reason: str) -> None:
+        """Facts that were never applied: to the rejected topic, so nothing is lost."""
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+        try:
+            for f in facts:
+                headers = [
+                    ("reason", reason[:1000].encode()),
+                    ("version", b"none"),
+                    ("fact_id", f.fact_id.encode()),
+                ]
+                producer.send(
+                    self.settings.kafka.rejected,
+                    key=f.subject.encode(),
+                    value=f.model_dump_json().encode(),
+                    headers=headers,
+                )
+            producer.flush(timeout=30)
+        finally:
+            producer.close(timeout=5)
+        self.metrics.facts_rejected.inc(len(facts))
 
     # -- the evaluator's side -------------------------------------------------------------
 
