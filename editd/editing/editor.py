@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from editd.editing.keys import DEFAULT_PREFIXES, prompt_set, read_at_subject, update_hook
+from editd.editing.keys import (
+    DEFAULT_PREFIXES,
+    prompt_set,
+    read_after_subject,
+    read_at_subject,
+    update_hook,
+)
 from editd.editing.model import ModelHandle
 from editd.editing.solvers import SOLVERS, Preservation, solve_emmet
 from editd.editing.stats import Corpus, SecondMomentCache, default_corpus
@@ -154,6 +160,7 @@ class Editor:
             timings["stats"] = self._prepare()
 
             prompts = prompt_set(handle.tokenizer, facts, self.config.prefixes)
+            bare = prompt_set(handle.tokenizer, facts, ("",))
             t = time.perf_counter()
             z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
             timings["keys"] += time.perf_counter() - t
@@ -173,12 +180,24 @@ class Editor:
                 )
                 keys = reads[name]  # (d_in, b)
                 resid = (z_target - reads[self.last_layer]) / (n - i)  # (d_out, b)
+                # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
+                # update large enough to move the subject also moved them, and on the built-in
+                # model the edited object was top-1 for 19 % of a batch instead of 88 %.
+                fixed = _fixed_keys(
+                    read_after_subject(handle, bare, name, updates=updates)  # (d_in, m)
+                )
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
-                sol = self._solve(keys, resid, self.preservation[name])
+                sol = self._solve(
+                    torch.cat([keys, fixed], dim=1),
+                    torch.cat([resid, resid.new_zeros(resid.shape[0], fixed.shape[1])], dim=1),
+                    self.preservation[name],
+                )
                 timings["solve"] += time.perf_counter() - t
+                # Fixed keys carry zero residual, so the update still has rank ≤ b.
+                left, right = _compress(sol.left, sol.right, keys.shape[1])
                 updates[name] = LayerUpdate(
-                    left=sol.left.float(), right=sol.right.float(), keys=keys.float()
+                    left=left.float(), right=right.float(), keys=keys.float()
                 )
                 per_layer[name] = sol.diagnostics
 
@@ -228,3 +247,29 @@ class Editor:
         versions = list(keys_per_version)
         for name, pres in self.preservation.items():
             pres.reset([v[name] for v in versions if name in v], self.config.preserve_weight)
+
+
+def _fixed_keys(keys: torch.Tensor) -> torch.Tensor:
+    """At most d_in / 4 directions spanning `keys` (d_in, m), strongest first.
+
+    Relation words repeat across a batch, so their keys are nearly collinear; keeping the
+    leading directions holds them fixed without spending the layer's whole input space on
+    equality constraints (EMMET needs fewer constraints than d_in).
+    """
+    cap = keys.shape[0] // 4
+    if keys.shape[1] <= cap:
+        return keys
+    u, s, _ = torch.linalg.svd(keys.double(), full_matrices=False)
+    return (u[:, :cap] * s[:cap]).to(keys.dtype)
+
+
+def _compress(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refactor left @ right (inner size k) to inner size `rank`, exactly when its rank allows."""
+    if left.shape[1] <= rank:
+        return left, right
+    ql, rl = torch.linalg.qr(left.double())  # (d_out, k), (k, k)
+    qr, rr = torch.linalg.qr(right.double().T)  # (d_in, k), (k, k)
+    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    return (ql @ (u[:, :rank] * s[:rank])).to(left.dtype), (vh[:rank] @ qr.T).to(right.dtype)

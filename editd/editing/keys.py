@@ -140,3 +140,39 @@ def read_at_subject(
         name: mean_per_fact(torch.cat(parts), prompts.fact_of_row, prompts.n_facts)
         for name, parts in rows.items()
     }
+
+
+def read_after_subject(
+    handle: ModelHandle,
+    prompts: PromptSet,
+    module: str,
+    *,
+    updates: Mapping[str, LayerUpdate] | None = None,
+    chunk_rows: int = 64,
+) -> torch.Tensor:
+    """Inputs of `module` at every real token after the subject, float32, (d_in, m).
+
+    These are the keys of the prompt's own relation words ("was born in"). A weight update
+    that moves them moves the very positions that read the edited subject and predict the
+    object; the editor holds them fixed. The caller holds the model's read lock.
+    """
+    updates = updates or {}
+    device = handle.device
+    prompts = prompts.to(device)
+    order = finish_order(handle.model)
+    wanted = sorted(
+        {module, *(n for n in updates if order[n] <= order[module])}, key=order.__getitem__
+    )
+    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    parts: list[torch.Tensor] = []
+    n = prompts.batch.input_ids.shape[0]
+    for lo in range(0, n, chunk_rows):
+        idx = torch.arange(lo, min(n, lo + chunk_rows), device=device)
+        sub = prompts.batch.select(idx)
+        cols = torch.arange(sub.input_ids.shape[1], device=device)[None, :]
+        after = (cols > sub.subject_index[:, None]) & (cols <= sub.last_index[:, None])
+        after &= sub.attention_mask.bool() & ~sub.answer_mask
+        with TraceDict(handle.model, wanted, retain_input=True, edit_output=edits, stop=True) as td:
+            handle.model(**sub.model_inputs(), use_cache=False)
+        parts.append(td[module].input[after].float())
+    return torch.cat(parts).T  # (d_in, m)
