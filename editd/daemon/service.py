@@ -299,15 +299,14 @@ class EditService:
 
     def _rollback_locked(self, version: int, reason: str) -> dict[str, Any]:
         undone_from = self._version
-        self._ready = False
+        # No "not ready" window: the swap is atomic under the write lock, so requests served
+        # meanwhile see the old version or the restored one, never a failure.
         try:
             facts = self.store.rollback(version, reason)
             self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(version))
             self.editor.reset_to(keys for _, keys in self.store.keys_by_version())
         except StoreError as exc:
             raise FatalError(f"rollback to {version} failed: {exc}") from exc
-        finally:
-            self._ready = True
         self.metrics.facts_rejected.inc(len(facts))
         published = self.publish_rejections()
         self._last_rollback = {
