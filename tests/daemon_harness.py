@@ -185,7 +185,9 @@ def read_topic(servers: list[str], topic: str, expect: int, timeout: float = 30.
 
 
 def manifests(data_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(data_dir.glob("versions/*/manifest.json"))]
+    """Manifests of the edit versions (1, 2, ...); version 0 is the base model."""
+    found = [json.loads(p.read_text()) for p in sorted(data_dir.glob("versions/*/manifest.json"))]
+    return [m for m in found if m["version"] > 0]
 
 
 def fact_lines(facts: Iterable[FactUpdate]) -> list[bytes]:
