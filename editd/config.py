@@ -70,9 +70,19 @@ class ModelSettings(Section):
 
 
 class EditingSettings(Section):
+    """How facts are written. A key left unset takes the model's own profile (`editd.json` in
+    its directory, e.g. the built-in model's), then the engine's defaults."""
+
     algo: Literal["memit", "emmet", "alphaedit"] = "emmet"
     layers: list[int] | None = Field(
         None, description="Edited layers; empty picks the early-middle MLPs of the model."
+    )
+    site: Literal["subject_last", "prompt_last"] = Field(
+        "subject_last",
+        description="Token whose MLP input is the key: the subject's last (MEMIT) or the prompt's.",
+    )
+    key_prefixes: list[str] | None = Field(
+        None, description="Context prefixes keys are averaged over; empty: the engine's."
     )
     module_template: str = "model.layers.{}.mlp.down_proj"
     mom2_weight: float = Field(

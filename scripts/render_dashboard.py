@@ -33,10 +33,15 @@ def render(prometheus: str, out: Path, minutes: float, step: float = 2.0) -> int
     for ax, panel in zip(axes.flat, panels, strict=False):
         ax.set_title(panel["title"], fontsize=10)
         for target in panel["targets"]:
-            expr = (target["expr"].replace("$__rate_interval", "30s")
-                    .replace("$__range", f"{int(minutes * 60)}s"))
-            r = httpx.get(f"{prometheus}/api/v1/query_range",
-                          params={"query": expr, "start": start, "end": end, "step": step})
+            expr = (
+                target["expr"]
+                .replace("$__rate_interval", "30s")
+                .replace("$__range", f"{int(minutes * 60)}s")
+            )
+            r = httpx.get(
+                f"{prometheus}/api/v1/query_range",
+                params={"query": expr, "start": start, "end": end, "step": step},
+            )
             r.raise_for_status()
             for series in r.json()["data"]["result"]:
                 xs = [(float(t) - end) / 60 for t, _ in series["values"]]
@@ -52,7 +57,7 @@ def render(prometheus: str, out: Path, minutes: float, step: float = 2.0) -> int
         ax.tick_params(labelsize=7)
         if ax.lines:
             ax.legend(fontsize=6, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("editd dashboard (panels rendered from Prometheus)", fontsize=13)
     fig.tight_layout()

@@ -52,7 +52,9 @@ def test_knows_its_world(model_dir: Path) -> None:
 def test_model_eval_cli_prints_one_json_object() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "editd", "model", "eval", "--json", "--limit", "100"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     result = json.loads(out)
     assert {"params", "facts", "train_accuracy", "heldout_template_accuracy"} <= set(result)

@@ -182,3 +182,36 @@ def test_c0_is_the_second_moment_of_layer_inputs_and_is_cached(
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == stamp
     for m in editor.modules:
         assert torch.equal(editor.preservation[m].dense(), again.preservation[m].dense())
+
+
+def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from editd.config import EditingSettings
+
+    profiled = tmp_path / "profiled"
+    shutil.copytree(model_dir, profiled)
+    (profiled / "editd.json").write_text(
+        json.dumps({"editing": {"site": "prompt_last", "layers": [3, 4], "target_lr": 0.05}})
+    )
+    cfg = EditorConfig.from_settings(EditingSettings(layers=[2]), profiled)
+    assert cfg.site == "prompt_last" and cfg.layers == (2,) and cfg.targets.lr == 0.05
+    assert EditorConfig.from_settings(EditingSettings(), model_dir).site == "subject_last"
+
+    handle = ModelHandle.load(profiled, device="cpu")
+    editor = Editor(
+        handle,
+        EditorConfig.from_settings(EditingSettings(), profiled),
+        corpus=_corpus(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    update = editor.compute_update(FACTS)
+    assert set(update.layers) == {"model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj"}
+    for diag in update.diagnostics["solver"].values():  # type: ignore[union-attr]
+        assert diag["resid_rel_after"] <= 1e-4  # EMMET meets the prompt-end keys exactly
+
+    (profiled / "editd.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"editd\.json"):
+        EditorConfig.from_settings(EditingSettings(), profiled)

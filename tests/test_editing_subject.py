@@ -112,3 +112,17 @@ def test_padding_side_does_not_change_activations(tmp_path: Path) -> None:
     alone_t = torch.stack(alone)
     assert torch.allclose(at_subject("left"), alone_t, atol=1e-5)
     assert torch.allclose(at_subject("right"), alone_t, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_prompt_last_site_is_the_token_before_the_answer(padding_side: str) -> None:
+    tok = small_tokenizer(bos=True)
+    tok.padding_side = padding_side
+    items = [render(t, s, answer=a, site="prompt_last") for t, s, a in CASES if a]
+    batch = tokenize(tok, items)
+    first_answer = batch.answer_mask.float().argmax(dim=1)
+    assert (batch.subject_index == first_answer - 1).all()
+    bare = tokenize(tok, [render(t, s, site="prompt_last") for t, s, _ in CASES])
+    assert (bare.subject_index == bare.last_index).all()
+    with pytest.raises(ValueError, match="edit site"):
+        render("{} is", "x", site="object")

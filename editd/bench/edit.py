@@ -50,11 +50,15 @@ class EditRun:
     post_top1: list[float] = field(default_factory=list)
 
 
-def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
+def model_dir(model: Path | None) -> Path:
     from editd.world.builtin import builtin_model_dir
 
+    return model or builtin_model_dir()
+
+
+def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
     return ModelHandle.load(
-        model or builtin_model_dir(),
+        model_dir(model),
         device=settings.model.device,
         dtype=settings.model.dtype,
         module_template=settings.editing.module_template,
@@ -62,7 +66,8 @@ def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
 
 
 def make_editor(handle: ModelHandle, settings: Settings, algo: str) -> Editor:
-    config = EditorConfig.from_settings(settings.editing.model_copy(update={"algo": algo}))
+    editing = settings.editing.model_copy(update={"algo": algo})
+    config = EditorConfig.from_settings(editing, handle.path)
     corpus = None
     if settings.editing.stats_corpus is not None:
         from editd.editing.stats import Corpus

@@ -196,7 +196,7 @@ def _load(
     data_dir = Path(settings.store.data_dir)
     editor = Editor(
         handle,
-        EditorConfig.from_settings(settings.editing),
+        EditorConfig.from_settings(settings.editing, path),
         corpus=default_corpus(settings.editing.stats_corpus),
         cache_dir=data_dir / "cache",
     )

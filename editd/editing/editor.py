@@ -14,6 +14,7 @@ which `commit` tells the editor to preserve the batch's keys from then on.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from editd.editing.keys import (
 from editd.editing.model import ModelHandle
 from editd.editing.solvers import SOLVERS, Preservation, solve_emmet
 from editd.editing.stats import Corpus, SecondMomentCache, default_corpus
+from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
 from editd.editing.types import EditUpdate, LayerUpdate
 from editd.facts import FactUpdate
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 class EditorConfig:
     algo: str = "emmet"
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
+    site: str = "subject_last"  # where keys are read and δ is added (subject.render)
     mom2_weight: float = 1.0e4  # λ of λC0 (MEMIT, EMMET)
     emmet_eps: float = 0.0
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
@@ -57,24 +60,61 @@ class EditorConfig:
     def __post_init__(self) -> None:
         if self.algo not in SOLVERS:
             raise ValueError(f"unknown algo {self.algo!r}; choose from {sorted(SOLVERS)}")
+        if self.site not in SITES:
+            raise ValueError(f"unknown edit site {self.site!r}; choose from {SITES}")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> EditorConfig:
-        """From the `editing` section of the settings tree (`editd.config.EditingSettings`)."""
+    def from_settings(cls, settings: Any, model_dir: str | Path | None = None) -> EditorConfig:
+        """From the `editing` section of the settings tree (`editd.config.EditingSettings`).
+
+        Keys the user set win; the others come from the model's profile (`PROFILE_FILE` in
+        `model_dir`), then from the field defaults.
+        """
+        values = model_profile(model_dir) if model_dir is not None else {}
+        values.update({k: getattr(settings, k) for k in settings.model_fields_set})
+        for key, default in type(settings).model_fields.items():
+            values.setdefault(key, default.get_default(call_default_factory=True))
         overrides = {
-            "steps": settings.target_steps,
-            "lr": settings.target_lr,
-            "kl_factor": settings.kl_factor,
-            "clamp_norm": settings.clamp_norm_factor,
+            "steps": values["target_steps"],
+            "lr": values["target_lr"],
+            "kl_factor": values["kl_factor"],
+            "clamp_norm": values["clamp_norm_factor"],
         }
         targets = replace(TargetConfig(), **{k: v for k, v in overrides.items() if v is not None})
+        prefixes = values["key_prefixes"]
         return cls(
-            algo=settings.algo,
-            layers=tuple(settings.layers) if settings.layers else None,
-            mom2_weight=settings.mom2_weight,
-            stats_tokens=settings.stats_tokens,
+            algo=values["algo"],
+            layers=tuple(values["layers"]) if values["layers"] else None,
+            site=values["site"],
+            mom2_weight=values["mom2_weight"],
+            stats_tokens=values["stats_tokens"],
+            prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )
+
+
+PROFILE_FILE = "editd.json"
+
+
+def model_profile(model_dir: str | Path) -> dict[str, Any]:
+    """Editing defaults shipped with a model: `editing` settings keys in `editd.json`.
+
+    Where facts live differs between models (MEMIT's per-model hyper-parameter files exist for
+    this reason): the built-in model looks facts up at the prompt's last token in its upper
+    MLPs, a Llama-3 at the subject in its early-middle ones. A directory without the file
+    gets the engine's defaults.
+    """
+    path = Path(model_dir) / PROFILE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable JSON profile: {exc}") from exc
+    editing = profile.get("editing", {}) if isinstance(profile, dict) else None
+    if not isinstance(editing, dict):
+        raise ValueError(f"{path}: expected an object with an 'editing' object")
+    return dict(editing)
 
 
 class Editor:
@@ -159,14 +199,18 @@ class Editor:
             t0 = time.perf_counter()
             timings["stats"] = self._prepare()
 
-            prompts = prompt_set(handle.tokenizer, facts, self.config.prefixes)
-            bare = prompt_set(handle.tokenizer, facts, ("",))
+            site = self.config.site
+            prompts = prompt_set(handle.tokenizer, facts, self.config.prefixes, site=site)
+            # At the prompt's last token there are no relation tokens after the site to hold.
+            bare = prompt_set(handle.tokenizer, facts, ("",)) if site == "subject_last" else None
             t = time.perf_counter()
             z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
             timings["keys"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            targets = compute_targets(handle, facts, self.last_layer, self.config.targets)
+            targets = compute_targets(
+                handle, facts, self.last_layer, self.config.targets, site=site
+            )
             timings["targets"] = time.perf_counter() - t
             z_target = z0 + targets.delta.T  # (d, b)
 
@@ -183,9 +227,11 @@ class Editor:
                 # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
                 # update large enough to move the subject also moved them, and on the built-in
                 # model the edited object was top-1 for 19 % of a batch instead of 88 %.
-                fixed = _fixed_keys(
-                    read_after_subject(handle, bare, name, updates=updates)  # (d_in, m)
-                )
+                fixed = (
+                    _fixed_keys(read_after_subject(handle, bare, name, updates=updates))
+                    if bare is not None
+                    else keys[:, :0]
+                )  # (d_in, m)
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
                 sol = self._solve(

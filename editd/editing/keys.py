@@ -43,13 +43,14 @@ def prompt_set(
     prefixes: Sequence[str] = DEFAULT_PREFIXES,
     *,
     with_answer: bool = False,
+    site: str = "subject_last",
 ) -> PromptSet:
     items: list[Rendered] = []
     owner: list[int] = []
     for i, fact in enumerate(facts):
         for prefix in prefixes:
             answer = fact.target_new if with_answer else None
-            items.append(render(fact.prompt, fact.subject, prefix=prefix, answer=answer))
+            items.append(render(fact.prompt, fact.subject, prefix=prefix, answer=answer, site=site))
             owner.append(i)
     return PromptSet(tokenize(tokenizer, items), torch.tensor(owner), len(facts))
 

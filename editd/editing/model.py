@@ -164,6 +164,7 @@ class ModelHandle:
     module_template: str = DEFAULT_MODULE_TEMPLATE
     layer_template: str = DEFAULT_LAYER_TEMPLATE
     identity: str = "unnamed"
+    path: Path | None = None  # the directory it was loaded from
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     _lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
     _edited: set[str] = field(default_factory=set, repr=False)
@@ -195,6 +196,7 @@ class ModelHandle:
             module_template=module_template,
             layer_template=layer_template,
             identity=model_identity(path),
+            path=path,
         )
 
     def __post_init__(self) -> None:

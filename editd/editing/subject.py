@@ -26,18 +26,35 @@ class Rendered:
     answer_start: int | None = None
 
 
-def render(template: str, subject: str, *, prefix: str = "", answer: str | None = None) -> Rendered:
+SITES = ("subject_last", "prompt_last")
+
+
+def render(
+    template: str,
+    subject: str,
+    *,
+    prefix: str = "",
+    answer: str | None = None,
+    site: str = "subject_last",
+) -> Rendered:
     """`prefix + template` with `{}` replaced by the subject, and optionally " " + answer.
 
     The template is split on its one `{}` rather than `str.format`ted, so other braces in user
-    text are kept as they are.
+    text are kept as they are. `site` says which token the span marks (`TokenBatch.subject_index`
+    then points at it): the subject's last token (MEMIT's site), or the prompt's last token,
+    for models that look facts up where the object is predicted rather than at the subject.
     """
+    if site not in SITES:
+        raise ValueError(f"unknown edit site {site!r}; choose from {SITES}")
     before, sep, after = template.partition("{}")
     if not sep:
         raise ValueError(f"template {template!r} has no '{{}}' placeholder")
     start = len(prefix) + len(before)
     text = prefix + before + subject + after
     span = (start, start + len(subject))
+    if site == "prompt_last":
+        stripped = len(text.rstrip())
+        span = (stripped - 1, stripped)
     if answer is None:
         return Rendered(text, span)
     return Rendered(text + " " + answer.strip(), span, answer_start=len(text))

@@ -1,9 +1,10 @@
-"""Target values: the residual change at the subject that makes each new object most likely.
+"""Target values: the residual change at the edit site that makes each new object most likely.
 
 For a batch of b facts one parameter δ (b, d) is added to the residual stream after the last
-edited layer, at the subject's last token, in every rendering of a fact (its prompt under each
-context prefix, with the new object appended) and in a "{subject} is a" prompt whose next-token
-distribution must stay close to the unedited model's (KL), so the subject keeps its identity.
+edited layer, at the edit site (the subject's last token by default), in every rendering of a
+fact (its prompt under each context prefix, with the new object appended) and in a
+"{subject} is a" prompt whose next-token distribution must stay close to the unedited model's
+(KL), so the subject keeps its identity.
 All facts share each forward/backward; a fact whose new object is top-1 with probability at
 least `stop_prob` on all of its prompts stops moving (its rows leave the batch), so stragglers
 get the remaining steps to themselves.
@@ -64,16 +65,18 @@ class _Rows:
     is_kl: torch.Tensor  # (n_rows,) bool
 
 
-def _rows(tokenizer: object, facts: Sequence[FactUpdate], prefixes: Sequence[str]) -> _Rows:
+def _rows(
+    tokenizer: object, facts: Sequence[FactUpdate], prefixes: Sequence[str], site: str
+) -> _Rows:
     items: list[Rendered] = []
     owner: list[int] = []
     for i, f in enumerate(facts):
         for p in prefixes:
-            items.append(render(f.prompt, f.subject, prefix=p, answer=f.target_new))
+            items.append(render(f.prompt, f.subject, prefix=p, answer=f.target_new, site=site))
             owner.append(i)
     n_edit = len(items)
     for i, f in enumerate(facts):
-        items.append(render(KL_TEMPLATE, f.subject))
+        items.append(render(KL_TEMPLATE, f.subject, site=site))
         owner.append(i)
     is_kl = torch.arange(len(items)) >= n_edit
     return _Rows(tokenize(tokenizer, items), torch.tensor(owner), is_kl)
@@ -114,8 +117,13 @@ def compute_targets(
     facts: Sequence[FactUpdate],
     layer: str,
     config: TargetConfig | None = None,
+    *,
+    site: str = "subject_last",
 ) -> TargetResult:
     """Optimise δ at the output of decoder layer `layer` for every fact at once.
+
+    δ is added at the edit site (`subject.render`): where the keys are read, since that is
+    where the weight update will act.
 
     Reads the model (the caller holds its read lock) and changes nothing in it: δ enters
     through a hook that lives only for each forward pass.
@@ -123,13 +131,13 @@ def compute_targets(
     cfg = config or TargetConfig()
     device = handle.device
     b = len(facts)
-    rows = _rows(handle.tokenizer, facts, cfg.prefixes)
+    rows = _rows(handle.tokenizer, facts, cfg.prefixes, site)
     batch = rows.batch.to(device)
     fact_of_row = rows.fact_of_row.to(device)
     is_kl = rows.is_kl.to(device)
     all_rows = torch.arange(len(fact_of_row), device=device)
 
-    # The unedited model: hidden scale at the subject, and the KL rows' next-token distribution.
+    # The unedited model: hidden scale at the site, and the KL rows' next-token distribution.
     with torch.no_grad(), Trace(handle.model, layer, retain_output=True) as tr:
         pos = _Positions.of(batch, is_kl)
         base_logits = _logits_at(handle, batch, pos.kl_row, pos.kl_col)

@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 STOP_AT = {"train": 0.995, "heldout": 0.95}
 
 
+# How this model is edited (read by `editing.editor.model_profile`). Ablating each MLP at the
+# subject's last token leaves P(true object) unchanged for layers 1-5 (0.976 → ≥ 0.969, 70
+# facts); at the prompt's last token layers 3-5 matter (0.71, 0.83, 0.67): the model looks
+# facts up where the object is predicted. Edited there, one batch of 70 scores ES 0.97 PS 0.94
+# NS 0.96 against ES 0.59 PS 0.43 NS 0.60 at the subject in layers 1-2. δ moves in units of the
+# residual RMS, which layer 0 makes ~20× the upper MLPs' outputs, hence the small rate.
+EDIT_PROFILE = {
+    "site": "prompt_last",
+    "layers": [3, 4, 5],
+    "key_prefixes": [""],
+    "target_lr": 0.05,
+}
+
+
 def build(out: Path, cfg: TrainConfig, resume: Path | None = None) -> dict[str, object]:
     """Train and write `out` (config.json, model.safetensors, tokenizer files, build.json).
 
@@ -98,6 +112,7 @@ def build(out: Path, cfg: TrainConfig, resume: Path | None = None) -> dict[str, 
         "threads": torch.get_num_threads(),
     }
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "editd.json").write_text(json.dumps({"editing": EDIT_PROFILE}, indent=2) + "\n")
     return info
 
 
