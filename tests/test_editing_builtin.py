@@ -24,11 +24,9 @@ def builtin() -> Path:
         pytest.skip(f"built-in model not built yet: {exc}")
 
 
-# Measured with the model's profile (editd.json: prompt's last token, layers 3-5): top-1 for
-# 24/32 (EMMET, MEMIT with λ = 30; MEMIT's default λ = 1e4 barely moves these keys). The misses
-# are multi-token objects whose first token many objects share ("Real …", "the … Falcons"):
-# δ at the prompt's last token cannot pick the later tokens. The ES ≥ 0.97 floor is not
-# met; these floors guard what the engine does today.
+# With the model's profile (editd.json: prompt's last token, layers 3-5) every target converged
+# and all 32 became top-1 (EMMET; MEMIT with λ = 30: its default λ = 1e4 outweighs these keys
+# and barely moves them).
 @pytest.mark.parametrize(("algo", "mom2_weight"), [("emmet", 1.0e4), ("memit", 30.0)])
 def test_one_batch_of_32_becomes_top1(
     builtin: Path, tmp_path: Path, algo: str, mom2_weight: float
@@ -50,7 +48,7 @@ def test_one_batch_of_32_becomes_top1(
     editor.commit(update)
     with handle.reading():
         prob, top1 = object_probability(handle, requests)
-    assert float(top1.float().mean()) >= 0.7, update.diagnostics
+    assert float(top1.float().mean()) >= 0.97, update.diagnostics
     assert float(prob.mean()) > float(before.mean()) + 0.5
     targets = torch.tensor(update.diagnostics["target_prob"])
-    assert float(targets.median()) >= 0.8
+    assert float(targets.min()) >= 0.5

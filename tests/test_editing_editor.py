@@ -215,3 +215,20 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
     (profiled / "editd.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"editd\.json"):
         EditorConfig.from_settings(EditingSettings(), profiled)
+
+
+def test_prompt_last_site_solves_each_object_word_at_the_position_that_predicts_it() -> None:
+    from editd.editing.editor import site_rows
+
+    facts = [
+        FactUpdate(subject="Pubour", prompt="{} was born in", target_new="San Lakbrath"),
+        FactUpdate(subject="Apple A5", prompt="{} was created by", target_new="Google"),
+    ]
+    rows, owner = site_rows(facts, "prompt_last")
+    assert [(r.prompt, r.target_new) for r in rows] == [
+        ("{} was born in", "San"),
+        ("{} was born in San", "Lakbrath"),
+        ("{} was created by", "Google"),
+    ]
+    assert owner == [0, 0, 1]
+    assert site_rows(facts, "subject_last") == (facts, [0, 1])

@@ -193,6 +193,8 @@ class Editor:
         if not batch:
             raise ValueError("empty batch")
         facts = list(batch)
+        # What is solved for: one row per fact, or per object word at the prompt's last token.
+        rows, owner = site_rows(facts, self.config.site)
         timings: dict[str, float] = {"keys": 0.0, "solve": 0.0}
         handle = self.handle
         with handle.reading():
@@ -200,17 +202,15 @@ class Editor:
             timings["stats"] = self._prepare()
 
             site = self.config.site
-            prompts = prompt_set(handle.tokenizer, facts, self.config.prefixes, site=site)
+            prompts = prompt_set(handle.tokenizer, rows, self.config.prefixes, site=site)
             # At the prompt's last token there are no relation tokens after the site to hold.
-            bare = prompt_set(handle.tokenizer, facts, ("",)) if site == "subject_last" else None
+            bare = prompt_set(handle.tokenizer, rows, ("",)) if site == "subject_last" else None
             t = time.perf_counter()
             z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
             timings["keys"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            targets = compute_targets(
-                handle, facts, self.last_layer, self.config.targets, site=site
-            )
+            targets = compute_targets(handle, rows, self.last_layer, self.config.targets, site=site)
             timings["targets"] = time.perf_counter() - t
             z_target = z0 + targets.delta.T  # (d, b)
 
@@ -256,17 +256,22 @@ class Editor:
             timings["check"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
 
+        # Per fact: a fact solved as several rows is as good as its worst row.
+        own = torch.tensor(owner)
+        b = len(facts)
+        converged = _per_fact(targets.converged.float().cpu(), own, b, "amin")
         diagnostics: dict[str, object] = {
             "algo": self.config.algo,
-            "facts": len(facts),
+            "facts": b,
+            "rows": len(rows),
             "layers": list(self.modules),
             "seconds": timings,
-            "target_prob": targets.prob.cpu().tolist(),
-            "target_min_prob": targets.min_prob.cpu().tolist(),
-            "target_steps": targets.steps.cpu().tolist(),
-            "target_converged": float(targets.converged.float().mean()),
-            "residual_norm_before": wanted.cpu().tolist(),
-            "residual_norm_after": missing.cpu().tolist(),
+            "target_prob": _per_fact(targets.prob.cpu(), own, b, "amin").tolist(),
+            "target_min_prob": _per_fact(targets.min_prob.cpu(), own, b, "amin").tolist(),
+            "target_steps": _per_fact(targets.steps.float().cpu(), own, b, "amax").tolist(),
+            "target_converged": float(converged.mean()),
+            "residual_norm_before": _per_fact(wanted.cpu(), own, b, "amax").tolist(),
+            "residual_norm_after": _per_fact(missing.cpu(), own, b, "amax").tolist(),
             "post_prob": post_prob.tolist(),
             "post_top1": float(post_top1.float().mean()),
             "solver": per_layer,
@@ -275,7 +280,7 @@ class Editor:
             "edit of %d facts: targets converged %.2f, P(new) %.3f → top-1 after %.3f, %.1fs",
             len(facts),
             diagnostics["target_converged"],
-            float(targets.prob.mean()),
+            float(targets.prob.mean()),  # per row
             diagnostics["post_top1"],
             timings["total"],
         )
@@ -293,6 +298,39 @@ class Editor:
         versions = list(keys_per_version)
         for name, pres in self.preservation.items():
             pres.reset([v[name] for v in versions if name in v], self.config.preserve_weight)
+
+
+def site_rows(facts: Sequence[FactUpdate], site: str) -> tuple[list[FactUpdate], list[int]]:
+    """The rows an update is solved for, and the fact each row belongs to.
+
+    At the subject (MEMIT's site) one row per fact: every later position attends to the
+    edited subject, so the whole object follows. At the prompt's last token an update reaches
+    only the object's first token, and an object whose first word many objects share
+    ("San Lakbrath", "the Feltral Falcons") would stop there. Each further word gets its own
+    row then: the prompt followed by the words before it, so the position that predicts that
+    word is edited too.
+    """
+    if site != "prompt_last":
+        return list(facts), list(range(len(facts)))
+    rows: list[FactUpdate] = []
+    owner: list[int] = []
+    for i, fact in enumerate(facts):
+        words = fact.target_new.split()
+        # Braces in an object would be read as the subject placeholder in a row's prompt.
+        if len(words) < 2 or "{" in fact.target_new or "}" in fact.target_new:
+            rows.append(fact)
+            owner.append(i)
+            continue
+        for j, word in enumerate(words):
+            prompt = " ".join([fact.prompt.rstrip(), *words[:j]])
+            rows.append(fact.model_copy(update={"prompt": prompt, "target_new": word}))
+            owner.append(i)
+    return rows, owner
+
+
+def _per_fact(values: torch.Tensor, owner: torch.Tensor, n: int, reduce: str) -> torch.Tensor:
+    out = torch.zeros(n, dtype=values.dtype)
+    return out.scatter_reduce(0, owner, values, reduce=reduce, include_self=False)
 
 
 def _fixed_keys(keys: torch.Tensor) -> torch.Tensor:
