@@ -70,24 +70,25 @@ class EditorConfig:
         Keys the user set win; the others come from the model's profile (`PROFILE_FILE` in
         `model_dir`), then from the field defaults.
         """
-        values = model_profile(model_dir) if model_dir is not None else {}
-        values.update({k: getattr(settings, k) for k in settings.model_fields_set})
-        for key, default in type(settings).model_fields.items():
-            values.setdefault(key, default.get_default(call_default_factory=True))
+        profile = model_profile(model_dir) if model_dir is not None else {}
+        # Validated like a settings file, so a wrong key in a profile is named, not ignored.
+        merged = type(settings).model_validate(
+            {**profile, **settings.model_dump(exclude_unset=True)}
+        )
         overrides = {
-            "steps": values["target_steps"],
-            "lr": values["target_lr"],
-            "kl_factor": values["kl_factor"],
-            "clamp_norm": values["clamp_norm_factor"],
+            "steps": merged.target_steps,
+            "lr": merged.target_lr,
+            "kl_factor": merged.kl_factor,
+            "clamp_norm": merged.clamp_norm_factor,
         }
         targets = replace(TargetConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        prefixes = values["key_prefixes"]
+        prefixes = merged.key_prefixes
         return cls(
-            algo=values["algo"],
-            layers=tuple(values["layers"]) if values["layers"] else None,
-            site=values["site"],
-            mom2_weight=values["mom2_weight"],
-            stats_tokens=values["stats_tokens"],
+            algo=merged.algo,
+            layers=tuple(merged.layers) if merged.layers else None,
+            site=merged.site,
+            mom2_weight=merged.mom2_weight,
+            stats_tokens=merged.stats_tokens,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )
