@@ -135,10 +135,10 @@ def test_top1_flags_follow_the_argmax(model, tokenizer):
             greedy.append(seq[len(ids) :])
     for side in ("left", "right"):
         scored = score_ids(model, prompt_ids, greedy, pad_id=0, padding_side=side, batch_size=4)
-        assert all(bool(s.top1.all()) for s in scored)
+        assert all(all(s.top1) for s in scored)
         wrong = [[g[0], g[1], (g[2] + 1) % len(tokenizer)] for g in greedy]
         scored = score_ids(model, prompt_ids, wrong, pad_id=0, padding_side=side, batch_size=4)
-        assert all(s.top1.tolist() == [True, True, False] for s in scored)
+        assert all(s.top1 == (True, True, False) for s in scored)
 
 
 def test_greedy_match_on_strings(model, tokenizer):
