@@ -88,6 +88,11 @@ class EditingSettings(Section):
     mom2_weight: float = Field(
         1.0e4, gt=0, description="λ: weight of the preserved key covariance C0."
     )
+    preserve_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Weight of earlier batches' keys beside λC0 in sequential editing.",
+    )
     stats_tokens: int | None = Field(
         None, description="Token budget for C0; empty is 10 × d_in of the edited layer."
     )

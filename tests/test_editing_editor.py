@@ -193,10 +193,21 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
     profiled = tmp_path / "profiled"
     shutil.copytree(model_dir, profiled)
     (profiled / "editd.json").write_text(
-        json.dumps({"editing": {"site": "prompt_last", "layers": [3, 4], "target_lr": 0.05}})
+        json.dumps(
+            {
+                "editing": {
+                    "site": "prompt_last",
+                    "layers": [3, 4],
+                    "target_lr": 0.05,
+                    "mom2_weight": 30.0,
+                    "preserve_weight": 0.003,
+                }
+            }
+        )
     )
-    cfg = EditorConfig.from_settings(EditingSettings(layers=[2]), profiled)
+    cfg = EditorConfig.from_settings(EditingSettings(layers=[2], mom2_weight=50.0), profiled)
     assert cfg.site == "prompt_last" and cfg.layers == (2,) and cfg.targets.lr == 0.05
+    assert cfg.mom2_weight == 50.0 and cfg.preserve_weight == 0.003
     assert EditorConfig.from_settings(EditingSettings(), model_dir).site == "subject_last"
 
     handle = ModelHandle.load(profiled, device="cpu")

@@ -88,6 +88,7 @@ class EditorConfig:
             layers=tuple(merged.layers) if merged.layers else None,
             site=merged.site,
             mom2_weight=merged.mom2_weight,
+            preserve_weight=merged.preserve_weight,
             stats_tokens=merged.stats_tokens,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,

@@ -38,6 +38,11 @@ EDIT_PROFILE = {
     "layers": [3, 4, 5],
     "key_prefixes": [""],
     "target_lr": 0.05,
+    # Prompt-end keys are not far from C0's typical key (kᵀC0⁻¹k ≈ d_in), so MEMIT's λ = 1e4
+    # outweighs a batch and nothing moves; 30 makes it edit. Earlier batches' weight scales
+    # with it so their ratio to λ stays MEMIT's 1e-4, which is all EMMET sees.
+    "mom2_weight": 30.0,
+    "preserve_weight": 0.003,
 }
 
 
