@@ -280,11 +280,20 @@ def default_topics(kafka: KafkaSettings) -> list[str]:
     return [kafka.topic, kafka.dlq, kafka.rejected]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """`editd broker [--port]`: run the embedded broker in the foreground until Ctrl-C."""
     kafka = settings.kafka
     port = getattr(args, "port", None) or kafka.embedded_port
     broker = EmbeddedBroker(port=port, topics=default_topics(kafka), partitions=kafka.partitions)
+    # Installed explicitly: a shell without job control starts background commands with SIGINT
+    # ignored and Python keeps that, so `kill -INT` did nothing there; SIGTERM is how a
+    # container runtime stops it. Both end the same way as Ctrl-C.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         broker.start()
         print(
