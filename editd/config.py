@@ -81,6 +81,10 @@ class EditingSettings(Section):
         "subject_last",
         description="Token whose MLP input is the key: the subject's last (MEMIT) or the prompt's.",
     )
+    layer_split: Literal["joint", "even"] = Field(
+        "joint",
+        description="Residual per layer: one EMMET over the layers left, or MEMIT's even split.",
+    )
     key_prefixes: list[str] | None = Field(
         None, description="Context prefixes keys are averaged over; empty: the engine's."
     )

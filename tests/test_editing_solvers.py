@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editd.editing.solvers import Preservation, solve_alphaedit, solve_emmet, solve_memit
+from editd.editing.solvers import (
+    Preservation,
+    layer_share,
+    solve_alphaedit,
+    solve_emmet,
+    solve_memit,
+)
 
 D_IN, D_OUT = 48, 24
 
@@ -170,3 +176,35 @@ def test_float32_inputs_give_float32_factors_solved_in_float64() -> None:
     sol = solve_emmet(keys.float(), resid.float(), pres)
     assert sol.left.dtype == sol.right.dtype == torch.float32
     assert _rel((sol.left @ sol.right).double() @ keys, resid) <= 1e-4
+
+
+def test_layer_shares_sum_to_the_residual_and_match_one_joint_emmet() -> None:
+    # Three layers with different preservation: the first layer's share is what the stacked
+    # (joint) EMMET update writes through that layer, and peeling layers off one at a time
+    # (as the editor does) hands out exactly the whole residual.
+    press = [Preservation.from_c0(_c0(10 + i), 10.0 ** (i + 1)) for i in range(3)]
+    keys = [_batch(20 + i, 6)[0] for i in range(3)]
+    resid = _batch(30, 6)[1]
+
+    left, shares = resid, []
+    for i in range(3):
+        share = layer_share(left, keys[i:], press[i:])
+        shares.append(share)
+        left = left - share
+    assert _rel(sum(shares), resid) <= 1e-10
+    assert float(left.norm()) <= 1e-10 * float(resid.norm())
+
+    # The joint EMMET over stacked keys: Δ = R G⁻¹ Kᵀ C⁻¹ with block-diagonal C.
+    stacked_k = torch.cat(keys)
+    c = torch.block_diag(*(p.dense() for p in press))
+    ck = torch.linalg.solve(c, stacked_k)
+    delta = resid @ torch.linalg.solve(stacked_k.T @ ck, ck.T)
+    first = delta[:, :D_IN] @ keys[0]
+    assert _rel(shares[0], first) <= 1e-8
+
+
+def test_equal_layers_split_the_residual_evenly() -> None:
+    pres = Preservation.from_c0(_c0(40), 100.0)
+    keys, resid = _batch(41, 4)
+    share = layer_share(resid, [keys, keys, keys], [pres, pres, pres])
+    assert _rel(share, resid / 3) <= 1e-10

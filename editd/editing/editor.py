@@ -2,9 +2,11 @@
 
 One pipeline for every method (MEMIT's): optimise a residual change δ after the last edited
 layer (targets.py), then for each edited layer in order read its keys and the residual still
-missing with the earlier layers' updates applied on the fly, give that layer its share
-R / (layers left), and solve (solvers.py). Methods differ only in the solver and the
-preservation matrix.
+missing with the earlier layers' updates applied on the fly, give that layer its share, and
+solve (solvers.py). The share is MEMIT's R / (layers left) with `split="even"`; by default
+(`"joint"`) it is what a single EMMET over the remaining layers' stacked keys would have this
+layer write (`solvers.layer_share`), so layers with more specific keys carry more. Methods
+differ only in the solver and the preservation matrix.
 
 The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
 model; applying it is the daemon's job (`ModelHandle.set_deltas` under the write lock), after
@@ -32,7 +34,7 @@ from editd.editing.keys import (
     update_hook,
 )
 from editd.editing.model import ModelHandle
-from editd.editing.solvers import SOLVERS, Preservation, solve_emmet
+from editd.editing.solvers import SOLVERS, Preservation, layer_share, solve_emmet
 from editd.editing.stats import Corpus, SecondMomentCache, default_corpus
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
@@ -42,11 +44,18 @@ from editd.facts import FactUpdate
 log = logging.getLogger(__name__)
 
 
+SPLITS = ("joint", "even")
+
+
 @dataclass(frozen=True)
 class EditorConfig:
     algo: str = "emmet"
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
     site: str = "subject_last"  # where keys are read and δ is added (subject.render)
+    # How the residual is split over layers: "joint" (solvers.layer_share) or MEMIT's "even".
+    # On the built-in model, 1,000 edits in batches of 100 kept canary 0.236 vs 0.199 and ES
+    # 0.827 vs 0.812 with joint shares.
+    split: str = "joint"
     mom2_weight: float = 1.0e4  # λ of λC0 (MEMIT, EMMET)
     emmet_eps: float = 0.0
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
@@ -62,6 +71,8 @@ class EditorConfig:
             raise ValueError(f"unknown algo {self.algo!r}; choose from {sorted(SOLVERS)}")
         if self.site not in SITES:
             raise ValueError(f"unknown edit site {self.site!r}; choose from {SITES}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown layer split {self.split!r}; choose from {SPLITS}")
 
     @classmethod
     def from_settings(cls, settings: Any, model_dir: str | Path | None = None) -> EditorConfig:
@@ -87,6 +98,7 @@ class EditorConfig:
             algo=merged.algo,
             layers=tuple(merged.layers) if merged.layers else None,
             site=merged.site,
+            split=merged.layer_split,
             mom2_weight=merged.mom2_weight,
             preserve_weight=merged.preserve_weight,
             stats_tokens=merged.stats_tokens,
@@ -219,13 +231,21 @@ class Editor:
             updates: dict[str, LayerUpdate] = {}
             per_layer: dict[str, dict[str, float]] = {}
             n = len(self.modules)
+            joint = self.config.split == "joint"
             for i, name in enumerate(self.modules):
                 t = time.perf_counter()
+                rest = self.modules[i:] if joint else [name]
                 reads = read_at_subject(
-                    handle, prompts, inputs=[name], outputs=[self.last_layer], updates=updates
+                    handle, prompts, inputs=rest, outputs=[self.last_layer], updates=updates
                 )
                 keys = reads[name]  # (d_in, b)
-                resid = (z_target - reads[self.last_layer]) / (n - i)  # (d_out, b)
+                missing = z_target - reads[self.last_layer]  # (d_out, b)
+                if joint:
+                    resid = layer_share(
+                        missing, [reads[m] for m in rest], [self.preservation[m] for m in rest]
+                    )
+                else:
+                    resid = missing / (n - i)
                 # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
                 # update large enough to move the subject also moved them, and on the built-in
                 # model the edited object was top-1 for 19 % of a batch instead of 88 %.

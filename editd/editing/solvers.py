@@ -229,6 +229,29 @@ def solve_alphaedit(keys: torch.Tensor, resid: torch.Tensor, pres: Preservation)
     return _solve(keys, resid, pres, equality=False)
 
 
+def layer_share(
+    resid: torch.Tensor, keys: Sequence[torch.Tensor], preservations: Sequence[Preservation]
+) -> torch.Tensor:
+    """The part of `resid` (d_out, b) the first of the remaining layers should write.
+
+    `keys[l]` (d_in_l, b) and `preservations[l]` belong to the layers still to edit, this one
+    first. The update of least total cost Σ tr(Δ_l C_l Δ_lᵀ) with Σ_l Δ_l K_l = R (one
+    EMMET over the layers' stacked keys, treating each layer's write as reaching the output
+    unchanged) has Δ_l K_l = R G⁻¹ G_l, with G_l = K_lᵀ C_l⁻¹ K_l and G = Σ G_l. A layer whose
+    keys are specific (large G_l) takes more; MEMIT's R / (layers left) is the case of equal
+    G_l. The shares of all layers sum to R.
+    """
+    if not keys or len(keys) != len(preservations):
+        raise ValueError("need one Preservation per layer's keys")
+    grams = []
+    for k, pres in zip(keys, preservations, strict=True):
+        pk = pres.project(k)
+        grams.append(pk.T @ pres.solve(pk))
+    total = sum(grams[1:], grams[0])
+    frac, _ = _sym_solve(total, grams[0])  # (b, b) = G⁻¹ G_first
+    return (resid.to(frac.device, SOLVE_DTYPE) @ frac).to(resid.device, resid.dtype)
+
+
 Solver = Callable[[torch.Tensor, torch.Tensor, Preservation], Solution]
 
 SOLVERS: dict[str, Solver] = {
