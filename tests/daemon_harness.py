@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from kafka import KafkaConsumer, TopicPartition
 
 from editd.facts import FactUpdate
 
@@ -163,25 +162,6 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-
-
-def read_topic(servers: list[str], topic: str, expect: int, timeout: float = 30.0) -> list[Any]:
-    """All records of a single-partition topic, waiting until at least `expect` arrived."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=1000
-    )
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    records: list[Any] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and len(records) < expect:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-    finally:
-        consumer.close()
-    return records
 
 
 def manifests(data_dir: Path) -> list[dict[str, Any]]:

@@ -9,16 +9,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 
 from editd.cli import main as cli
 from editd.config import FactLimits
 from editd.consumers.broker import EmbeddedBroker, accepts_connections, ensure_topics, free_port
 from editd.facts import parse_fact
+from tests.kafka_support import read_topic
 
 pytestmark = [pytest.mark.broker]
 
@@ -36,31 +36,11 @@ COUNTERFACT = {
 }
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        yield b
-
-
 @pytest.fixture
 def topic(broker: EmbeddedBroker) -> str:
     name = f"cli-{uuid.uuid4().hex[:10]}"
     ensure_topics(broker.bootstrap_servers, [name], replication_factor=1)
     return name
-
-
-def read_all(broker: EmbeddedBroker, topic: str, expected: int) -> list:
-    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    reader.assign([tp])
-    reader.seek_to_beginning(tp)
-    records: list = []
-    deadline = time.monotonic() + 20
-    while len(records) < expected and time.monotonic() < deadline:
-        for batch in reader.poll(timeout_ms=200).values():
-            records.extend(batch)
-    reader.close()
-    return records
 
 
 def test_publish_json_lines_reports_rejections(
@@ -84,7 +64,7 @@ def test_publish_json_lines_reports_rejections(
     assert "line 3: bad JSON" in err
     assert "line 4: schema error: prompt must contain exactly one '{}'" in err
 
-    records = read_all(broker, topic, 3)
+    records = read_topic(broker.bootstrap_servers, topic, 3)
     assert [r.key.decode() for r in records] == ["Ada Lovelace", "Alan Turing", "Miles Davis"]
     facts = [parse_fact(r.value, FactLimits()) for r in records]
     assert facts[2].fact_id == "cf-7" and facts[2].target_true == "trumpet"
@@ -110,7 +90,7 @@ def test_publish_counterfact_array_to_the_embedded_address(
     path.write_text(json.dumps(cases), encoding="utf-8")
     assert cli(["publish", str(path)]) == 0
     assert f"published 3 facts to facts at 127.0.0.1:{broker.port}" in capsys.readouterr().err
-    keys = [r.key.decode() for r in read_all(broker, "facts", 3)]
+    keys = [r.key.decode() for r in read_topic(broker.bootstrap_servers, "facts", 3)]
     assert keys == ["Player 0", "Player 1", "Player 2"]
 
 

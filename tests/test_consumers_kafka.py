@@ -11,11 +11,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from editd.config import FactLimits, KafkaSettings
 from editd.consumers.batching import FactBatch
@@ -23,17 +23,12 @@ from editd.consumers.broker import EmbeddedBroker, ensure_topics, free_port
 from editd.consumers.consumer import Backoff, BatchFailed, FactConsumer, State
 from editd.consumers.publish import encode_fact, publish_facts, publish_raw
 from editd.world.requests import make_requests
+from tests.kafka_support import committed, read_topic
 
 pytestmark = [pytest.mark.broker]
 
 # Tansu completes a group join after about half the session timeout: keep it small.
 SESSION_MS = 4000
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        yield b
 
 
 @pytest.fixture
@@ -143,32 +138,6 @@ def consumer_for(
     )
 
 
-def read_topic(broker: EmbeddedBroker, topic: str, expected: int, timeout: float = 20.0) -> list:
-    """Every record of partition 0 from the beginning, as an independent plain client."""
-    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    reader.assign([tp])
-    reader.seek_to_beginning(tp)
-    records: list = []
-    deadline = time.monotonic() + timeout
-    while len(records) < expected and time.monotonic() < deadline:
-        for batch in reader.poll(timeout_ms=200).values():
-            records.extend(batch)
-    # One more short poll: more records than expected is a failure too.
-    for batch in reader.poll(timeout_ms=300).values():
-        records.extend(batch)
-    reader.close()
-    return records
-
-
-def committed(broker: EmbeddedBroker, group: str, topic: str, partition: int = 0) -> int | None:
-    probe = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=group)
-    try:
-        return probe.committed(TopicPartition(topic, partition))
-    finally:
-        probe.close(autocommit=False)
-
-
 def headers(record: Any) -> dict[str, str]:
     return {k: v.decode("utf-8") for k, v in record.headers}
 
@@ -248,7 +217,7 @@ def test_500_facts_and_20_malformed_records(broker: EmbeddedBroker, topic: str) 
     assert all(o.topic == topic for o in first.origins)
     assert [f.fact_id for f in first] == [f.fact_id for f in facts[:64]]
 
-    dlq = read_topic(broker, f"{topic}.dlq", expected=20)
+    dlq = read_topic(broker.bootstrap_servers, f"{topic}.dlq", 20, settle_ms=300)
     assert len(dlq) == 20
     for record in dlq:
         h = headers(record)
@@ -257,7 +226,9 @@ def test_500_facts_and_20_malformed_records(broker: EmbeddedBroker, topic: str) 
         assert record.value == stream[int(h["original_offset"])][1]
     assert {int(headers(r)["original_offset"]) for r in dlq} == set(expected_reason)
 
-    assert committed(broker, settings.group_id, topic) == 520  # == the high-water mark
+    assert (
+        committed(broker.bootstrap_servers, settings.group_id, topic) == 520
+    )  # == the high-water mark
     assert consumer.stats.consumed == 520 and consumer.stats.batches == 8
     print(f"500 facts + 20 dead letters consumed and applied in {elapsed:.1f}s")
 
@@ -282,7 +253,7 @@ def test_failed_batch_is_redelivered_from_inside_a_producer_batch(
     with pytest.raises(BatchFailed, match="the editor refused this batch"):
         first.run()
     assert failing.ids == [f.fact_id for f in facts[:8]]
-    assert committed(broker, settings.group_id, topic) == 8
+    assert committed(broker.bootstrap_servers, settings.group_id, topic) == 8
 
     recorder = Recorder()
     second = consumer_for(broker, settings, recorder)
@@ -290,7 +261,7 @@ def test_failed_batch_is_redelivered_from_inside_a_producer_batch(
         running.wait_for(lambda: len(recorder.ids) >= 22)
     assert recorder.batches[0].fact_ids == tuple(f.fact_id for f in facts[8:16])
     assert recorder.ids == [f.fact_id for f in facts[8:]]
-    assert committed(broker, settings.group_id, topic) == 30
+    assert committed(broker.bootstrap_servers, settings.group_id, topic) == 30
 
 
 def test_abandoned_batch_is_not_committed_and_comes_back(
@@ -315,7 +286,7 @@ def test_abandoned_batch_is_not_committed_and_comes_back(
     finally:
         gate.set()
         running.__exit__()
-    assert committed(broker, settings.group_id, topic) is None
+    assert committed(broker.bootstrap_servers, settings.group_id, topic) is None
 
     recorder = Recorder()
     second = consumer_for(broker, settings, recorder)
@@ -340,7 +311,7 @@ def test_known_facts_are_not_applied_again(broker: EmbeddedBroker, topic: str) -
         running.wait_for(lambda: consumer.stats.batches == 1)
     assert recorder.ids == [f.fact_id for f in facts[4:]]
     assert consumer.stats.already_applied == 4 and consumer.stats.applied == 2
-    assert committed(broker, f"group-{topic}", topic) == 6
+    assert committed(broker.bootstrap_servers, f"group-{topic}", topic) == 6
 
 
 def test_long_edit_keeps_the_partitions_and_stop_waits_for_it(
@@ -359,7 +330,7 @@ def test_long_edit_keeps_the_partitions_and_stop_waits_for_it(
         running.thread.join(30)
     assert recorder.ids == [f.fact_id for f in facts]
     assert consumer.stats.revoked_dropped == 0 and consumer.stats.consumed == 12
-    assert committed(broker, settings.group_id, topic) == 12
+    assert committed(broker.bootstrap_servers, settings.group_id, topic) == 12
 
 
 def test_rebalance_between_two_members_loses_nothing(broker: EmbeddedBroker) -> None:
@@ -384,26 +355,10 @@ def test_rebalance_between_two_members_loses_nothing(broker: EmbeddedBroker) -> 
     # Only a batch in flight at the moment its partition moved may be applied twice.
     assert sum(applied.values()) - 200 <= settings.batch_size
     assert b_rec.ids, "the second member never got a partition"
-    high = {p: len(read_topic_partition(broker, topic, p)) for p in (0, 1)}
+    high = {p: len(read_topic(broker.bootstrap_servers, topic, partition=p)) for p in (0, 1)}
     assert sum(high.values()) == 200
     for p in (0, 1):
-        assert committed(broker, settings.group_id, topic, p) == high[p]
-
-
-def read_topic_partition(broker: EmbeddedBroker, topic: str, partition: int) -> list:
-    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
-    tp = TopicPartition(topic, partition)
-    reader.assign([tp])
-    reader.seek_to_beginning(tp)
-    records: list = []
-    idle = 0
-    while idle < 3:
-        got = reader.poll(timeout_ms=200)
-        idle = 0 if got else idle + 1
-        for batch in got.values():
-            records.extend(batch)
-    reader.close()
-    return records
+        assert committed(broker.bootstrap_servers, settings.group_id, topic, p) == high[p]
 
 
 @pytest.mark.slow

