@@ -9,7 +9,7 @@ pipeline sees what the edited model will compute without ever writing a weight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +93,41 @@ def finish_order(model: torch.nn.Module) -> dict[str, int]:
     return order
 
 
+def _traced_chunks(
+    handle: ModelHandle,
+    prompts: PromptSet,
+    modules: Sequence[str],
+    updates: Mapping[str, LayerUpdate],
+    chunk_rows: int,
+    *,
+    inputs: bool,
+    outputs: bool,
+) -> Iterator[tuple[TokenBatch, TraceDict]]:
+    """Each chunk of `prompts` and a trace of `modules` over it, with `updates` applied.
+
+    Only updates upstream of the deepest traced module can matter, and the forward stops
+    after it. `prompts` must already be on the model's device.
+    """
+    order = finish_order(handle.model)
+    deepest = max(order[n] for n in modules)
+    wanted = sorted({*modules, *(n for n in updates if order[n] <= deepest)}, key=order.__getitem__)
+    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    n = prompts.batch.input_ids.shape[0]
+    for lo in range(0, n, chunk_rows):
+        idx = torch.arange(lo, min(n, lo + chunk_rows), device=handle.device)
+        sub = prompts.batch.select(idx)
+        with TraceDict(
+            handle.model,
+            wanted,
+            retain_input=inputs,
+            retain_output=outputs,
+            edit_output=edits,
+            stop=True,
+        ) as td:
+            handle.model(**sub.model_inputs(), use_cache=False)
+        yield sub, td
+
+
 @torch.no_grad()
 def read_at_subject(
     handle: ModelHandle,
@@ -108,31 +143,19 @@ def read_at_subject(
     `inputs` and `outputs` name modules (an output of a decoder layer is the residual stream
     after it). The caller holds the model's read lock.
     """
-    updates = updates or {}
-    device = handle.device
-    prompts = prompts.to(device)
-    wanted = list(dict.fromkeys([*inputs, *outputs, *updates]))
-    order = finish_order(handle.model)
-    wanted.sort(key=order.__getitem__)
-    deepest = max(order[n] for n in [*inputs, *outputs])
-    # Only updates upstream of what is read can matter; stop the forward after the deepest read.
-    wanted = [n for n in wanted if order[n] <= deepest]
-    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    prompts = prompts.to(handle.device)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in [*inputs, *outputs]}
-    n = prompts.batch.input_ids.shape[0]
-    for lo in range(0, n, chunk_rows):
-        idx = torch.arange(lo, min(n, lo + chunk_rows), device=device)
-        sub = prompts.batch.select(idx)
-        at = torch.arange(len(idx), device=device)
-        with TraceDict(
-            handle.model,
-            wanted,
-            retain_input=bool(inputs),
-            retain_output=bool(outputs),
-            edit_output=edits,
-            stop=True,
-        ) as td:
-            handle.model(**sub.model_inputs(), use_cache=False)
+    chunks = _traced_chunks(
+        handle,
+        prompts,
+        [*inputs, *outputs],
+        updates or {},
+        chunk_rows,
+        inputs=bool(inputs),
+        outputs=bool(outputs),
+    )
+    for sub, td in chunks:
+        at = torch.arange(sub.input_ids.shape[0], device=handle.device)
         for name in inputs:
             rows[name].append(td[name].input[at, sub.subject_index].float())
         for name in outputs:
@@ -143,6 +166,7 @@ def read_at_subject(
     }
 
 
+@torch.no_grad()
 def read_after_subject(
     handle: ModelHandle,
     prompts: PromptSet,
@@ -157,23 +181,14 @@ def read_after_subject(
     that moves them moves the very positions that read the edited subject and predict the
     object; the editor holds them fixed. The caller holds the model's read lock.
     """
-    updates = updates or {}
-    device = handle.device
-    prompts = prompts.to(device)
-    order = finish_order(handle.model)
-    wanted = sorted(
-        {module, *(n for n in updates if order[n] <= order[module])}, key=order.__getitem__
-    )
-    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    prompts = prompts.to(handle.device)
     parts: list[torch.Tensor] = []
-    n = prompts.batch.input_ids.shape[0]
-    for lo in range(0, n, chunk_rows):
-        idx = torch.arange(lo, min(n, lo + chunk_rows), device=device)
-        sub = prompts.batch.select(idx)
-        cols = torch.arange(sub.input_ids.shape[1], device=device)[None, :]
+    chunks = _traced_chunks(
+        handle, prompts, [module], updates or {}, chunk_rows, inputs=True, outputs=False
+    )
+    for sub, td in chunks:
+        cols = torch.arange(sub.input_ids.shape[1], device=handle.device)[None, :]
         after = (cols > sub.subject_index[:, None]) & (cols <= sub.last_index[:, None])
         after &= sub.attention_mask.bool() & ~sub.answer_mask
-        with TraceDict(handle.model, wanted, retain_input=True, edit_output=edits, stop=True) as td:
-            handle.model(**sub.model_inputs(), use_cache=False)
         parts.append(td[module].input[after].float())
     return torch.cat(parts).T  # (d_in, m)
