@@ -112,6 +112,9 @@ def test_quick_study_on_the_builtin_model(tmp_path):
     by = {(p["experiment"], p["algo"], p["batch_size"]): p for p in saved["points"]}
     assert by[("batch", "emmet", 1)]["edits"] == 2 and by[("batch", "emmet", 1)]["repeats"] == 2
     assert by[("sequential", "memit", 2)]["batches"] == 2
+    # One sequential batch of all 4 facts is the one-batch run of 4, reused rather than redone.
+    whole = by[("sequential", "emmet", 4)]
+    assert whole["batches"] == 1 and whole["es"] == by[("batch", "emmet", 4)]["es"]
     for p in saved["points"]:
         for key in ("es", "ps", "ns", "s", "heldout_accuracy"):
             assert 0.0 <= p[key] <= 1.0

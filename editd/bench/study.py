@@ -130,6 +130,7 @@ def run_study(
     for algo in plan.algos:
         editor = make_editor(handle, settings, algo)
         stats_seconds += editor.prepare()
+        one_batch: dict[int, dict[str, Any]] = {}  # batch size → its point
         for b in plan.batch_sizes:
             logprobs: list[FactLogprobs] = []
             seconds = 0.0
@@ -141,20 +142,18 @@ def run_study(
                 logprobs += score(handle, facts)
             # The canary of the last repeat: one batch of b facts, as the point describes.
             after = canary(handle, prompts, objects)
-            land(
-                _point(
-                    "batch",
-                    algo,
-                    b,
-                    logprobs,
-                    seconds,
-                    after,
-                    canary_base,
-                    {"repeats": plan.repeats(b)},
-                )
-            )
+            extra = {"repeats": plan.repeats(b)}
+            one_batch[b] = _point("batch", algo, b, logprobs, seconds, after, canary_base, extra)
+            land(one_batch[b])
         for b in plan.sequential_batch_sizes:
-            facts = pool[: plan.sequential_total]
+            total = plan.sequential_total
+            if b >= total and total in one_batch and plan.repeats(total) == 1:
+                # One batch of all the facts: the batch experiment already edited exactly these.
+                point = {**one_batch[total], "experiment": "sequential", "batches": 1}
+                point.pop("repeats")
+                land(point)
+                continue
+            facts = pool[:total]
             reset(handle, editor)
             run = apply_sequentially(handle, editor, facts, b)
             land(
