@@ -181,6 +181,23 @@ def malformed_records() -> list[tuple[bytes | None, str]]:
     ]
 
 
+def test_published_facts_carry_their_headers(broker: EmbeddedBroker, topic: str) -> None:
+    # How the daemon hands facts it could not apply to the rejected topic, with the reason.
+    facts = make_requests(3, seed=7)
+    offsets = publish_facts(
+        facts,
+        broker.bootstrap_servers,
+        topic,
+        headers=lambda f: [("reason", b"edit failed"), ("fact_id", f.fact_id.encode())],
+    )
+    assert offsets == [0, 1, 2]
+    records = read_topic(broker.bootstrap_servers, topic, 3)
+    assert [r.value for r in records] == [encode_fact(f) for f in facts]
+    assert [dict(r.headers) for r in records] == [
+        {"reason": b"edit failed", "fact_id": f.fact_id.encode()} for f in facts
+    ]
+
+
 def test_500_facts_and_20_malformed_records(broker: EmbeddedBroker, topic: str) -> None:
     facts = make_requests(500, seed=11)
     bad = malformed_records()

@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,13 @@ def new_producer(bootstrap_servers: Sequence[str], **config: Any) -> KafkaProduc
     return KafkaProducer(**defaults)
 
 
+Headers = list[tuple[str, bytes]]
+# (key, value) or (key, value, headers); None for no key, value or headers.
+Record = tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, Headers | None]
+
+
 def publish_raw(
-    records: Iterable[tuple[bytes | None, bytes | None]],
+    records: Iterable[Record],
     bootstrap_servers: Sequence[str],
     topic: str,
     *,
@@ -120,7 +125,7 @@ def publish_raw(
     progress: bool = False,
     total: int | None = None,
 ) -> list[int]:
-    """Send (key, value) records as they are and wait for every acknowledgement.
+    """Send (key, value[, headers]) records as they are and wait for every acknowledgement.
 
     Returns the offsets in send order. Raw bytes on purpose: tests and operators use it to put
     records on the topic that `publish_facts` would refuse (malformed JSON, oversize values).
@@ -129,8 +134,8 @@ def publish_raw(
     producer = producer or new_producer(bootstrap_servers)
     try:
         futures = [
-            producer.send(topic, key=key, value=value)
-            for key, value in tqdm(
+            producer.send(topic, key=key, value=value, headers=rest[0] if rest else None)
+            for key, value, *rest in tqdm(
                 records, total=total, disable=not progress, unit="fact", desc=f"publish {topic}"
             )
         ]
@@ -148,10 +153,14 @@ def publish_facts(
     *,
     producer: KafkaProducer | None = None,
     progress: bool = False,
+    headers: Callable[[FactUpdate], Headers] | None = None,
 ) -> list[int]:
-    """Publish validated facts with key = subject; return their offsets."""
+    """Publish validated facts with key = subject (and `headers(fact)`); return their offsets."""
     return publish_raw(
-        ((f.subject.encode("utf-8"), encode_fact(f)) for f in facts),
+        (
+            (f.subject.encode("utf-8"), encode_fact(f), headers(f) if headers else None)
+            for f in facts
+        ),
         bootstrap_servers,
         topic,
         producer=producer,

@@ -26,6 +26,7 @@ import torch
 from prometheus_client import generate_latest
 
 from editd.config import Settings
+from editd.consumers.publish import publish_facts
 from editd.daemon.errors import Conflict, FatalError, NotFound
 from editd.daemon.generation import Completion, Generator, SamplingParams
 from editd.editing.editor import Editor
@@ -252,26 +253,21 @@ class EditService:
             self.evaluator.record_version(version, facts)
 
     def _reject(self, facts: Sequence[FactUpdate], reason: str) -> None:
-        """Facts that were never applied: to the rejected topic, so nothing is lost."""
-        from kafka import KafkaProducer
+        """Facts that were never applied: to the rejected topic, so nothing is lost.
 
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
-        try:
-            for f in facts:
-                headers = [
-                    ("reason", reason[:1000].encode()),
-                    ("version", b"none"),
-                    ("fact_id", f.fact_id.encode()),
-                ]
-                producer.send(
-                    self.settings.kafka.rejected,
-                    key=f.subject.encode(),
-                    value=f.model_dump_json().encode(),
-                    headers=headers,
-                )
-            producer.flush(timeout=30)
-        finally:
-            producer.close(timeout=5)
+        Waits for every acknowledgement; a send that fails raises, the batch fails and the
+        consumer delivers it again rather than committing past facts that went nowhere.
+        """
+        publish_facts(
+            facts,
+            self.bootstrap_servers,
+            self.settings.kafka.rejected,
+            headers=lambda f: [
+                ("reason", reason[:1000].encode()),
+                ("version", b"none"),
+                ("fact_id", f.fact_id.encode()),
+            ],
+        )
         self.metrics.facts_rejected.inc(len(facts))
 
     # -- the evaluator's side -------------------------------------------------------------
