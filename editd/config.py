@@ -103,6 +103,12 @@ class EditingSettings(Section):
     stats_corpus: Path | None = Field(
         None, description="Text or JSONL corpus for C0; empty uses the built-in world corpus."
     )
+    stats_cache: Path | None = Field(
+        None,
+        description="Directory of cached C0 files; empty: <data_dir>/cache for the daemon, "
+        "~/.cache/editd for benchmarks. Files are keyed by model, layer, corpus and budget, "
+        "so daemons of the same model can share one.",
+    )
     # Target optimisation; empty keeps the engine's tuned defaults (editing/targets.py).
     target_steps: int | None = Field(None, gt=0, description="Most optimisation steps.")
     target_lr: float | None = Field(None, gt=0)

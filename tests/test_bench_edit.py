@@ -37,7 +37,7 @@ def test_json_ready_turns_nan_into_null():
 
 @pytest.mark.slow
 def test_bench_edit_prints_one_json_object_with_scores_in_range(tmp_path):
-    env = {**os.environ, "HOME": str(tmp_path)}  # C0 cache in a fresh place: stats are timed
+    env = {**os.environ, "HOME": str(tmp_path)}  # C0 comes from the session cache (conftest)
     proc = subprocess.run(
         [*CMD, "--algo", "emmet", "--edits", "6", "--batch-size", "3", "--seed", "1", "--json"],
         capture_output=True,

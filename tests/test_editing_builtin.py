@@ -27,7 +27,7 @@ def builtin() -> Path:
 # With the model's profile (editd.json: prompt's last token, layers 3-5, λ = 30) every target
 # converged and all 32 became top-1 with either method; under MEMIT's own λ = 1e4 none moved.
 @pytest.mark.parametrize("algo", ["emmet", "memit"])
-def test_one_batch_of_32_becomes_top1(builtin: Path, tmp_path: Path, algo: str) -> None:
+def test_one_batch_of_32_becomes_top1(builtin: Path, c0_cache: Path, algo: str) -> None:
     from editd.config import EditingSettings
     from editd.world.requests import make_requests
 
@@ -38,7 +38,7 @@ def test_one_batch_of_32_becomes_top1(builtin: Path, tmp_path: Path, algo: str) 
     assert config.site == "prompt_last"  # the model's profile was read
     # Earlier batches keep MEMIT's weight relative to λ (1e-4), which is all EMMET depends on.
     assert config.preserve_weight / config.mom2_weight == pytest.approx(1e-4)
-    editor = Editor(handle, config, cache_dir=tmp_path, progress=False)
+    editor = Editor(handle, config, cache_dir=c0_cache, progress=False)
     with handle.reading():
         before, _ = object_probability(handle, requests)
     update = editor.compute_update(requests)

@@ -73,7 +73,13 @@ def make_editor(handle: ModelHandle, settings: Settings, algo: str) -> Editor:
         from editd.editing.stats import Corpus
 
         corpus = Corpus.from_path(settings.editing.stats_corpus)
-    return Editor(handle, config, corpus=corpus, progress=sys.stderr.isatty())
+    return Editor(
+        handle,
+        config,
+        corpus=corpus,
+        cache_dir=settings.editing.stats_cache,
+        progress=sys.stderr.isatty(),
+    )
 
 
 def apply_sequentially(

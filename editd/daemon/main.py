@@ -198,7 +198,7 @@ def _load(
         handle,
         EditorConfig.from_settings(settings.editing, path),
         corpus=default_corpus(settings.editing.stats_corpus),
-        cache_dir=data_dir / "cache",
+        cache_dir=settings.editing.stats_cache or data_dir / "cache",
     )
     base = {name: handle.weight(name).detach().cpu().clone() for name in editor.modules}
     store = EditStore(data_dir, snapshot_every=settings.store.snapshot_every)
