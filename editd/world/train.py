@@ -27,6 +27,13 @@ class TrainConfig:
     # (epochs, peak learning rate) per cycle of warm-up + cosine decay. Facts are memorised
     # slowly on two cores; a second, gentler cycle lifts the long tail of facts.
     cycles: tuple[tuple[int, float], ...] = ((14, 3e-3), (20, 2e-3))
+    # After those cycles the MLPs grow to `grown_size` units and train on through
+    # `grow_cycles`. The facts are learned at 1,024 wide (3.5 × cheaper per epoch on two
+    # cores); the width is what the editor needs: a layer absorbs edits in proportion to its
+    # input width (docs/study), and a Llama-3-8B's is 14,336. 3,584 is as wide as the shipped
+    # model can be in float16 and stay under 20 MB.
+    grown_size: int = 3584
+    grow_cycles: tuple[tuple[int, float], ...] = ((2, 5e-4),)
     batch_size: int = 128
     warmup_steps: int = 200
     weight_decay: float = 0.01
@@ -169,6 +176,35 @@ def train(
                 model.eval().requires_grad_(False)
                 return model
     model.eval().requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def grow_mlps(model: LlamaForCausalLM, width: int, seed: int = 0) -> LlamaForCausalLM:
+    """Widen every MLP to `width` units without changing what the model computes.
+
+    New units get random gate/up rows at the scale of the trained ones and zero `down_proj`
+    columns (Net2Net-style growth), so the grown model answers exactly as before and the new
+    units learn from there. Random units rather than copies of trained ones: copies would add
+    no new directions to the keys the editor solves over.
+    """
+    old = model.config.intermediate_size
+    if width < old:
+        raise ValueError(f"cannot grow MLPs of {old} units to {width}")
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(mlp, name)
+            w = lin.weight
+            new = torch.randn(width - old, w.shape[1], generator=gen, dtype=w.dtype) * w.std()
+            lin.weight = torch.nn.Parameter(torch.cat([w, new.to(w.device)], 0))
+            lin.out_features = width
+        down = mlp.down_proj
+        zeros = down.weight.new_zeros(down.weight.shape[0], width - old)
+        down.weight = torch.nn.Parameter(torch.cat([down.weight, zeros], 1))
+        down.in_features = width
+    model.config.intermediate_size = width
     return model
 
 
