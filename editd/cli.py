@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cycles", help='Training cycles "EPOCHS:LR,..." (default: the recipe).')
     p.add_argument("--resume", type=Path, help="Continue a build saved after a cycle.")
+    p.add_argument(
+        "--learn-only",
+        action="store_true",
+        help="Stop before the MLPs grow (continue later with --resume).",
+    )
     p = command("eval", "editd.world.evaluate:main", "Measure the built-in model.", msub)
     p.add_argument("--model", type=Path, help="Model directory (default: built-in).")
     p.add_argument("--json", action="store_true")

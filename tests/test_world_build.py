@@ -54,18 +54,23 @@ def test_growing_the_mlps_keeps_every_output_and_adds_new_key_directions(tmp_pat
         assert torch.equal(again(input_ids=ids).logits, after)
 
 
+def _saved(cycles_done: int, learn_epochs: int, **extra: object) -> dict[str, object]:
+    history = [{"epoch": i + 1, "phase": "learn"} for i in range(learn_epochs)]
+    return {"cycles_done": cycles_done, "history": history, **extra}
+
+
 def test_a_build_resumes_where_it_was_saved() -> None:
     cfg = TrainConfig(cycles=((2, 1e-3), (3, 1e-3)), grow_cycles=((1, 1e-4),))
     assert _resume_state({}, cfg) == {"cycles_done": 0, "learned": False, "grow_cycles_done": 0}
-    # Saved at the end of the first cycle: learning goes on.
-    saved = {"cycles_done": 1, "epochs_run": 2}
-    assert _resume_state(saved, cfg)["learned"] is False
-    # Saved by the early stop inside the second cycle (builds from before growth): grow next.
-    stopped = {"cycles_done": 1, "epochs_run": 4}
-    assert _resume_state(stopped, cfg) == {
+    # Saved at the end of the first cycle (`--cycles 2:0.001 --learn-only`): learning goes on.
+    assert _resume_state(_saved(1, 2), cfg)["learned"] is False
+    # Saved by the early stop inside the second cycle: grow next.
+    assert _resume_state(_saved(1, 4), cfg) == {
         "cycles_done": 1,
         "learned": True,
         "grow_cycles_done": 0,
     }
-    finished = {"cycles_done": 1, "learned": True, "grow_cycles_done": 1}
-    assert _resume_state(finished, cfg)["grow_cycles_done"] == 1
+    # Every cycle of this recipe done; then a finished build has nothing left.
+    assert _resume_state(_saved(2, 5), cfg)["learned"] is True
+    done = _resume_state(_saved(1, 4, grow_cycles_done=1), cfg)
+    assert done["learned"] is True and done["grow_cycles_done"] == 1

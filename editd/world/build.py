@@ -59,14 +59,17 @@ EDIT_PROFILE = {
 }
 
 
-def build(out: Path, cfg: TrainConfig, resume: Path | None = None) -> dict[str, object]:
+def build(
+    out: Path, cfg: TrainConfig, resume: Path | None = None, *, learn_only: bool = False
+) -> dict[str, object]:
     """Train and write `out` (config.json, model.safetensors, tokenizer files, build.json).
 
     Two phases: the facts are learned at `cfg.intermediate_size` through `cfg.cycles`
     (stopping early once the model knows its world), then the MLPs grow to `cfg.grown_size`
-    and train on through `cfg.grow_cycles`. With `resume`, continue a build saved at the end of
-    a cycle or of the first phase (its build.json says which): the result is the same as an
-    uninterrupted build.
+    and train on through `cfg.grow_cycles`. `learn_only` stops after the first phase and saves
+    in float32, so that a later `resume` continues exactly where it stopped; with `resume`,
+    continue a build saved at the end of a cycle or of the first phase (its build.json says
+    which): the result is the same as an uninterrupted build.
     """
     start = time.perf_counter()
     world = load_world(WORLD_SEED)
@@ -121,15 +124,16 @@ def build(out: Path, cfg: TrainConfig, resume: Path | None = None) -> dict[str, 
         state["cycles_done"] = _cycles_done(cfg.cycles, epochs, state["cycles_done"])
         state["learned"] = True
     assert model is not None
-    if model.config.intermediate_size < cfg.grown_size:
-        grow_mlps(model, cfg.grown_size, seed=cfg.seed)
-    if state["grow_cycles_done"] < len(cfg.grow_cycles):
-        grow_cfg = replace(cfg, cycles=cfg.grow_cycles, seed=cfg.seed + 1)
-        model = run_phase("grown", grow_cfg, state["grow_cycles_done"], model)
-        state["grow_cycles_done"] = len(cfg.grow_cycles)
+    if not learn_only:
+        if model.config.intermediate_size < cfg.grown_size:
+            grow_mlps(model, cfg.grown_size, seed=cfg.seed)
+        if state["grow_cycles_done"] < len(cfg.grow_cycles):
+            grow_cfg = replace(cfg, cycles=cfg.grow_cycles, seed=cfg.seed + 1)
+            model = run_phase("grown", grow_cfg, state["grow_cycles_done"], model)
+            state["grow_cycles_done"] = len(cfg.grow_cycles)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    model.to(SAVE_DTYPE).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32 if learn_only else SAVE_DTYPE).save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {
         "world_seed": WORLD_SEED,
@@ -139,7 +143,8 @@ def build(out: Path, cfg: TrainConfig, resume: Path | None = None) -> dict[str, 
             1,
         ),
         "epochs_run": len(history),
-        **state,
+        "cycles_done": state["cycles_done"],
+        "grow_cycles_done": state["grow_cycles_done"],
         "history": history,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -164,19 +169,20 @@ def _cycles_done(cycles: tuple[tuple[int, float], ...], epochs: int, at_least: i
 def _resume_state(previous: dict[str, object], cfg: TrainConfig) -> dict[str, Any]:
     """Where a saved build stands: learning cycles done, learning over, growth cycles done.
 
-    Builds saved before growth existed have no `learned` key: they were saved either at the
-    end of a cycle (their epochs add up to whole cycles) or when the early stop ended learning.
+    Learning is over when this recipe's cycles are all done, or when the early stop ended it
+    inside a cycle (its learning epochs do not add up to whole cycles). Judged against the
+    recipe of the resuming run, so a build saved after `--cycles 14:0.003 --learn-only`
+    learns on through the full recipe's later cycles.
     """
     if not previous:
         return {"cycles_done": 0, "learned": False, "grow_cycles_done": 0}
     cycles_done = int(previous.get("cycles_done", 0))  # type: ignore[call-overload]
-    learned = previous.get("learned")
-    if learned is None:
-        at_boundary = previous.get("epochs_run") == sum(e for e, _ in cfg.cycles[:cycles_done])
-        learned = cycles_done == len(cfg.cycles) or not at_boundary
+    history: list[dict[str, Any]] = list(previous.get("history") or [])  # type: ignore[call-overload]
+    learn_epochs = sum(1 for h in history if h.get("phase", "learn") == "learn")
+    at_boundary = learn_epochs == sum(e for e, _ in cfg.cycles[:cycles_done])
     return {
         "cycles_done": cycles_done,
-        "learned": bool(learned),
+        "learned": cycles_done >= len(cfg.cycles) or not at_boundary,
         "grow_cycles_done": int(previous.get("grow_cycles_done", 0)),  # type: ignore[call-overload]
     }
 
@@ -189,7 +195,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         )
         cfg = replace(cfg, cycles=cycles)
     out = args.out or ASSETS
-    info = build(out, cfg, resume=args.resume)
+    info = build(out, cfg, resume=args.resume, learn_only=args.learn_only)
     log.info("built %s in %.0f s", out, info["build_seconds"])
     print(json.dumps(info))
     return 0
