@@ -25,7 +25,7 @@ def builtin() -> Path:
 
 
 # With the model's profile (editd.json: prompt's last token, layers 3-5, λ = 30) every target
-# converged and all 32 became top-1 with either method; under MEMIT's own λ = 1e4 none moved.
+# converged and all 32 became top-1 with either method; under MEMIT's own λ = 1e4 ES was 0.66.
 @pytest.mark.parametrize("algo", ["emmet", "memit"])
 def test_one_batch_of_32_becomes_top1(builtin: Path, c0_cache: Path, algo: str) -> None:
     from editd.config import EditingSettings
