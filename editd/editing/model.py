@@ -229,6 +229,10 @@ class ModelHandle:
     def layer_name(self, layer: int) -> str:
         return self.layer_template.format(layer)
 
+    def layer_names(self) -> list[str]:
+        """Every decoder layer's name, in forward order."""
+        return [self.layer_name(i) for i in range(self.num_layers)]
+
     def weight(self, name: str) -> torch.Tensor:
         """The weight of module `name` (a trailing `.weight` is accepted too)."""
         name = name.removesuffix(".weight")

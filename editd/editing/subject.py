@@ -88,9 +88,11 @@ class TokenBatch:
             "position_ids": self.position_ids,
         }
 
-    def select(self, rows: torch.Tensor) -> TokenBatch:
-        """The given rows, with columns that are padding in all of them dropped."""
+    def select(self, rows: torch.Tensor, *, trim: bool = True) -> TokenBatch:
+        """The given rows; with `trim`, columns that are padding in all of them are dropped."""
         sub = [t[rows] for t in self._tensors()]
+        if not trim:
+            return TokenBatch(*sub)
         mask = sub[1]
         keep = mask.any(0)
         lo = int(keep.nonzero().min())
@@ -160,6 +162,17 @@ def tokenize(
                 raise ValueError(f"answer of {item.text!r} merged into the prompt's tokens")
             answer[i, sl] = torch.tensor(flags)
     return TokenBatch(input_ids, attention, positions, subject, last, answer)
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Llama-3, none for GPT-2)."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -17,6 +17,8 @@ model's dtype.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +29,11 @@ import torch.nn.functional as F
 from editd.editing.keys import mean_per_fact
 from editd.editing.model import ModelHandle
 from editd.editing.subject import Rendered, TokenBatch, render, tokenize
+from editd.editing.tail import DecoderTail
 from editd.editing.trace import EditFn, Trace, TraceDict
 from editd.facts import FactUpdate
+
+log = logging.getLogger(__name__)
 
 KL_TEMPLATE = "{} is a"
 
@@ -82,6 +87,11 @@ def _rows(
     return _Rows(tokenize(tokenizer, items), torch.tensor(owner), is_kl)
 
 
+def _final_hidden(handle: ModelHandle, batch: TokenBatch) -> torch.Tensor:
+    """The decoder's last (normed) hidden states, (n, T, d)."""
+    return handle.model.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+
+
 def _logits_at(
     handle: ModelHandle, batch: TokenBatch, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
@@ -90,8 +100,7 @@ def _logits_at(
     The LM head is applied to the selected hidden states rather than to every position: with
     a 128k vocabulary the full logits of a batch would dwarf the model's activations.
     """
-    hidden = handle.model.get_decoder()(**batch.model_inputs(), use_cache=False)
-    hidden = hidden.last_hidden_state[rows, cols]  # (k, d)
+    hidden = _final_hidden(handle, batch)[rows, cols]  # (k, d)
     return handle.model.get_output_embeddings()(hidden).float()  # (k, vocab)
 
 
@@ -137,10 +146,19 @@ def compute_targets(
     is_kl = rows.is_kl.to(device)
     all_rows = torch.arange(len(fact_of_row), device=device)
 
-    # The unedited model: hidden scale at the site, and the KL rows' next-token distribution.
+    # The unedited model: hidden scale at the site, the KL rows' next-token distribution, and
+    # what replaying only the layers after `layer` needs (tail.py), checked against this pass.
+    tail = DecoderTail.of(handle.model, handle.layer_names(), layer)
     with torch.no_grad(), Trace(handle.model, layer, retain_output=True) as tr:
         pos = _Positions.of(batch, is_kl)
-        base_logits = _logits_at(handle, batch, pos.kl_row, pos.kl_col)
+        with tail.record(handle.model, layer) if tail else contextlib.nullcontext():
+            final = _final_hidden(handle, batch)
+        base_logits = handle.model.get_output_embeddings()(final[pos.kl_row, pos.kl_col]).float()
+        if tail is not None and not tail.matches(final, batch.attention_mask):
+            log.info(
+                "replaying the layers after %s does not match the model; running it whole", layer
+            )
+            tail = None
     base_kl_logp = F.log_softmax(base_logits, dim=-1)  # (b, vocab), KL rows are in fact order
     h = tr.output[all_rows, batch.subject_index].float()  # (n_rows, d)
     h_norm = mean_per_fact(h.norm(dim=1, keepdim=True), fact_of_row, b)[0]  # (b,)
@@ -162,7 +180,8 @@ def compute_targets(
         if act.numel() == 0:
             break
         sel = all_rows[active[fact_of_row]]
-        sub = batch.select(sel)
+        # The replay keeps the recorded width; a full forward drops columns of padding only.
+        sub = batch.select(sel, trim=tail is None)
         sub_fact = fact_of_row[sel]
         sub_kl = is_kl[sel]
         pos = _Positions.of(sub, sub_kl)
@@ -171,21 +190,20 @@ def compute_targets(
         u_var = u.detach().requires_grad_(step < cfg.steps)
         delta = u_var * scale[:, None]  # (b, d)
 
-        def add_delta(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        def add_delta(out: torch.Tensor, inp: torch.Tensor | None = None) -> torch.Tensor:
             add = torch.zeros(out.shape, device=out.device, dtype=torch.float32)
             add = add.index_put((at, sub.subject_index), delta[sub_fact])  # noqa: B023
             return out + add.to(out.dtype)
 
-        with (
-            torch.set_grad_enabled(step < cfg.steps),
-            Trace(handle.model, layer, edit_output=add_delta),
-        ):
-            logits = _logits_at(
-                handle,
-                sub,
-                torch.cat([pos.ans_row, pos.kl_row]),
-                torch.cat([pos.ans_col, pos.kl_col]),
-            )
+        rows = torch.cat([pos.ans_row, pos.kl_row])
+        cols = torch.cat([pos.ans_col, pos.kl_col])
+        with torch.set_grad_enabled(step < cfg.steps):
+            if tail is not None:
+                final = tail(add_delta(tail.hidden[sel]), rows=sel)[rows, cols]
+                logits = handle.model.get_output_embeddings()(final).float()
+            else:
+                with Trace(handle.model, layer, edit_output=add_delta):
+                    logits = _logits_at(handle, sub, rows, cols)
         k = len(pos.ans_row)
         logp = F.log_softmax(logits[:k], dim=-1)  # (k, vocab)
         tok_logp = logp.gather(1, pos.ans_tok[:, None]).squeeze(1)  # (k,)
