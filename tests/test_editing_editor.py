@@ -14,6 +14,7 @@ from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle, tensor_sha256
 from editd.editing.stats import Corpus, layer_second_moments
 from editd.editing.targets import TargetConfig
+from editd.editing.trace import TraceDict
 from editd.facts import FactUpdate
 
 FACTS = [
@@ -101,6 +102,30 @@ def test_applying_changes_only_the_edited_layers(model_dir: Path, tmp_path: Path
         )
     key = editor.last_layer
     assert torch.allclose(applied[key], hooked[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["subject_last", "prompt_last"])
+def test_an_edit_leaves_what_the_model_computes_at_bos_unchanged(
+    model_dir: Path, tmp_path: Path, site: str
+) -> None:
+    # Every position attends to BOS and C0 leaves it out: the editor must hold its keys fixed.
+    handle = ModelHandle.load(model_dir, device="cpu")
+    editor = _editor(handle, tmp_path, site=site)
+    bos = torch.tensor([[handle.tokenizer.bos_token_id]])
+
+    def at_bos() -> dict[str, torch.Tensor]:
+        with torch.no_grad(), TraceDict(handle.model, editor.modules, retain_output=True) as td:
+            handle.model(input_ids=bos)
+        return {n: td[n].output[0, 0] for n in editor.modules}
+
+    before = at_bos()
+    update = editor.compute_update(FACTS)
+    handle.set_deltas({n: u.dense() for n, u in update.layers.items()})
+    after = at_bos()
+    for name in editor.modules:
+        moved = float((after[name] - before[name]).norm())
+        edit = float(update.layers[name].dense().norm())
+        assert edit > 0 and moved <= 1e-4 * max(1.0, float(before[name].norm()))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

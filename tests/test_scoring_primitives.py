@@ -12,9 +12,9 @@ from editd.editing.scoring import (
     encode_pair,
     greedy_match,
     heldout_perplexity,
-    leading_special_ids,
     score_ids,
 )
+from editd.editing.subject import leading_special_ids
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 CORPUS = [

@@ -30,6 +30,7 @@ from editd.editing.keys import (
     DEFAULT_PREFIXES,
     prompt_set,
     read_after_subject,
+    read_anchors,
     read_at_subject,
     update_hook,
 )
@@ -221,6 +222,8 @@ class Editor:
             bare = prompt_set(handle.tokenizer, rows, ("",)) if site == "subject_last" else None
             t = time.perf_counter()
             z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
+            # BOS is held fixed in every layer, so earlier layers' updates never move it.
+            anchors = read_anchors(handle, self.modules)
             timings["keys"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -248,12 +251,14 @@ class Editor:
                     resid = missing / (n - i)
                 # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
                 # update large enough to move the subject also moved them, and on the built-in
-                # model the edited object was top-1 for 19 % of a batch instead of 88 %.
-                fixed = (
+                # model the edited object was top-1 for 19 % of a batch instead of 88 %. So is
+                # BOS, which every position reads.
+                relation = (
                     _fixed_keys(read_after_subject(handle, bare, name, updates=updates))
                     if bare is not None
                     else keys[:, :0]
-                )  # (d_in, m)
+                )
+                fixed = torch.cat([relation, anchors[name]], dim=1)  # (d_in, m)
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
                 sol = self._solve(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from editd.editing.model import ModelHandle
-from editd.editing.subject import Rendered, TokenBatch, render, tokenize
+from editd.editing.subject import Rendered, TokenBatch, leading_special_ids, render, tokenize
 from editd.editing.trace import EditFn, TraceDict
 from editd.editing.types import LayerUpdate
 from editd.facts import FactUpdate
@@ -192,3 +192,27 @@ def read_after_subject(
         after &= sub.attention_mask.bool() & ~sub.answer_mask
         parts.append(td[module].input[after].float())
     return torch.cat(parts).T  # (d_in, m)
+
+
+@torch.no_grad()
+def read_anchors(handle: ModelHandle, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inputs of `modules` at the special tokens every text starts with (BOS), (d_in, a).
+
+    Every position of every prompt attends to BOS (it is where attention heads rest), and C0
+    leaves BOS out, so nothing else stops an update from moving its MLP outputs; the editor
+    holds these keys fixed. A tokenizer that prepends nothing gives (d_in, 0). The caller
+    holds the model's read lock.
+    """
+    lead = leading_special_ids(handle.tokenizer)
+    if not lead:
+        return {
+            n: handle.weight(n).new_zeros(handle.weight(n).shape[1], 0).float() for n in modules
+        }
+    ids = torch.tensor([lead], device=handle.device)
+    positions = torch.arange(len(lead), device=handle.device)[None]
+    order = finish_order(handle.model)
+    with TraceDict(
+        handle.model, sorted(modules, key=order.__getitem__), retain_input=True, stop=True
+    ) as td:
+        handle.model(input_ids=ids, position_ids=positions, use_cache=False)
+    return {n: td[n].input[0].float().T for n in modules}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editd.editing.subject import leading_special_ids
 from editd.facts import FactUpdate
 
 DEFAULT_BATCH_SIZE = 64
@@ -35,17 +36,6 @@ def join(prompt: str, obj: str) -> str:
 def render(prompt: str, subject: str) -> str:
     """A prompt may be a template with `{}` for the subject, or already rendered."""
     return prompt.format(subject) if "{}" in prompt else prompt
-
-
-def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for Llama-3, none for GPT-2)."""
-    probe = "a"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start])
-    return []
 
 
 def encode_pair(
