@@ -268,3 +268,20 @@ def test_prompt_last_site_solves_each_object_word_at_the_position_that_predicts_
     ]
     assert owner == [0, 0, 1]
     assert site_rows(facts, "subject_last") == (facts, [0, 1])
+
+
+@pytest.mark.parametrize(("d_out", "k", "rank"), [(64, 10, 6), (8, 14, 12), (8, 14, 4)])
+def test_update_factors_are_refactored_to_the_batch_rank_without_changing_the_update(
+    d_out: int, k: int, rank: int
+) -> None:
+    # Fixed keys add columns with zero residual; the update's rank is at most the batch's rows
+    # and at most d_out, which a batch with more rows than the layer has outputs exceeds.
+    from editd.editing.editor import _compress
+
+    gen = torch.Generator().manual_seed(0)
+    left = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+    left = torch.cat([left, left @ torch.randn(rank, k - rank, generator=gen, dtype=left.dtype)], 1)
+    right = torch.randn(k, 40, generator=gen, dtype=torch.float64)
+    small_left, small_right = _compress(left, right, rank)
+    assert small_left.shape[1] == small_right.shape[0] == min(rank, d_out)
+    torch.testing.assert_close(small_left @ small_right, left @ right)

@@ -377,10 +377,14 @@ def _fixed_keys(keys: torch.Tensor) -> torch.Tensor:
 def _compress(
     left: torch.Tensor, right: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refactor left @ right (inner size k) to inner size `rank`, exactly when its rank allows."""
+    """Refactor left @ right (inner size k) to inner size `rank`, exactly when its rank allows.
+
+    The product's rank is also at most d_out, which can be below `rank` (a batch with more
+    rows than the layer has outputs): then the inner size is d_out.
+    """
     if left.shape[1] <= rank:
         return left, right
-    ql, rl = torch.linalg.qr(left.double())  # (d_out, k), (k, k)
+    ql, rl = torch.linalg.qr(left.double())  # (d_out, j), (j, k), j = min(d_out, k)
     qr, rr = torch.linalg.qr(right.double().T)  # (d_in, k), (k, k)
-    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    u, s, vh = torch.linalg.svd(rl @ rr.T, full_matrices=False)  # (j, j), (j,), (j, k)
     return (ql @ (u[:, :rank] * s[:rank])).to(left.dtype), (vh[:rank] @ qr.T).to(right.dtype)
