@@ -7,7 +7,8 @@ fact (its prompt under each context prefix, with the new object appended) and in
 (KL), so the subject keeps its identity.
 All facts share each forward/backward; a fact whose new object is top-1 with probability at
 least `stop_prob` on all of its prompts stops moving (its rows leave the batch), so stragglers
-get the remaining steps to themselves.
+get the remaining steps to themselves. A step replays only the layers after the edit layer
+from the unedited pass's recorded inputs (tail.py), where the model allows it.
 
 The optimiser works in units of each fact's hidden-state RMS (δ_f = u_f · rms(h_f)), so one
 learning rate suits models whose residual scales differ by orders of magnitude; Adam with a
@@ -195,15 +196,15 @@ def compute_targets(
             add = add.index_put((at, sub.subject_index), delta[sub_fact])  # noqa: B023
             return out + add.to(out.dtype)
 
-        rows = torch.cat([pos.ans_row, pos.kl_row])
-        cols = torch.cat([pos.ans_col, pos.kl_col])
+        read_row = torch.cat([pos.ans_row, pos.kl_row])
+        read_col = torch.cat([pos.ans_col, pos.kl_col])
         with torch.set_grad_enabled(step < cfg.steps):
             if tail is not None:
-                final = tail(add_delta(tail.hidden[sel]), rows=sel)[rows, cols]
+                final = tail(add_delta(tail.hidden[sel]), rows=sel)[read_row, read_col]
                 logits = handle.model.get_output_embeddings()(final).float()
             else:
                 with Trace(handle.model, layer, edit_output=add_delta):
-                    logits = _logits_at(handle, sub, rows, cols)
+                    logits = _logits_at(handle, sub, read_row, read_col)
         k = len(pos.ans_row)
         logp = F.log_softmax(logits[:k], dim=-1)  # (k, vocab)
         tok_logp = logp.gather(1, pos.ans_tok[:, None]).squeeze(1)  # (k,)
