@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path)
     p.add_argument("--json", action="store_true")
+    p = command(
+        "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub
+    )
+    p.add_argument("--shape", choices=["llama3-8b", "llama3.2-1b", "tiny"], default="llama3-8b")
+    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--edits", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda, cpu, ... (default: model.device, auto)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true")
     p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--model", type=Path)

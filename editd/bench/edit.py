@@ -47,7 +47,12 @@ class EditRun:
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     batches: int = 0
     target_prob: list[float] = field(default_factory=list)
+    target_steps: list[float] = field(default_factory=list)
     post_top1: list[float] = field(default_factory=list)
+
+    @property
+    def target_steps_mean(self) -> float:
+        return sum(self.target_steps) / len(self.target_steps) if self.target_steps else 0.0
 
 
 def model_dir(model: Path | None) -> Path:
@@ -114,6 +119,7 @@ def apply_sequentially(
         for stage in STAGES:
             run.stages[stage] += float(diag.get("seconds", {}).get(stage, 0.0))
         run.target_prob += [float(p) for p in diag.get("target_prob", [])]
+        run.target_steps += [float(n) for n in diag.get("target_steps", [])]
         run.post_top1.append(float(diag.get("post_top1", float("nan"))))
         run.batches += 1
         if on_batch is not None:
