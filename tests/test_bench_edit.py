@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from bench_support import bench_json
 
 from editd.bench.edit import json_ready
 
-CMD = [sys.executable, "-m", "editd", "bench", "edit"]
 KEYS = {
     "algo",
     "batch_size",
@@ -37,19 +32,9 @@ def test_json_ready_turns_nan_into_null():
 
 @pytest.mark.slow
 def test_bench_edit_prints_one_json_object_with_scores_in_range(tmp_path):
-    env = {**os.environ, "HOME": str(tmp_path)}  # C0 comes from the session cache (conftest)
-    proc = subprocess.run(
-        [*CMD, "--algo", "emmet", "--edits", "6", "--batch-size", "3", "--seed", "1", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1
-    result = json.loads(lines[0])
+    # HOME is a fresh directory: C0 comes from the session cache (conftest).
+    args = ["--algo", "emmet", "--edits", "6", "--batch-size", "3", "--seed", "1"]
+    result = bench_json("edit", *args, home=tmp_path)
     assert set(result) >= KEYS
     assert (result["algo"], result["batch_size"], result["edits"]) == ("emmet", 3, 6)
     assert result["batches"] == 2

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from bench_support import bench_json
 from transformers import AutoTokenizer
 
 from editd.bench.speed import SHAPES, random_llama
@@ -26,20 +22,8 @@ def test_published_shapes_hold_every_token_id_of_the_built_in_tokenizer() -> Non
 
 @pytest.mark.slow
 def test_bench_speed_prints_one_json_object_with_per_batch_costs(tmp_path) -> None:
-    env = {**os.environ, "HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "editd", "bench", "speed", "--shape", "tiny"]
-    proc = subprocess.run(
-        [*cmd, "--edits", "6", "--batch-size", "3", "--device", "cpu", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1
-    result = json.loads(lines[0])
+    args = ["--shape", "tiny", "--edits", "6", "--batch-size", "3", "--device", "cpu"]
+    result = bench_json("speed", *args, home=tmp_path, timeout=300)
     assert (result["shape"], result["batch_size"], result["edits"], result["batches"]) == (
         "tiny",
         3,

@@ -164,6 +164,15 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def print_result(result: dict[str, Any], *, as_json: bool) -> None:
+    """One JSON object on one line (NaN as null), or aligned `key value` lines for people."""
+    if as_json:
+        print(json.dumps(json_ready(result), allow_nan=False))
+        return
+    for key, value in result.items():
+        print(f"{key:24s} {value}")
+
+
 def peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -243,9 +252,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         edits=args.edits,
         seed=args.seed,
     )
-    if args.json:
-        print(json.dumps(json_ready(result), allow_nan=False))
-    else:
-        for key, value in result.items():
-            print(f"{key:24s} {value}")
+    print_result(result, as_json=args.json)
     return 0

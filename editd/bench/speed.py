@@ -15,7 +15,6 @@ stage (`target_steps_mean` says how many steps were taken).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -157,7 +156,7 @@ def run_speed(
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from editd.bench.edit import json_ready
+    from editd.bench.edit import print_result
 
     if args.edits <= 0 or args.batch_size <= 0:
         print("editd bench speed: --edits and --batch-size must be positive", file=sys.stderr)
@@ -172,9 +171,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         edits=args.edits,
         seed=args.seed,
     )
-    if args.json:
-        print(json.dumps(json_ready(result), allow_nan=False))
-    else:
-        for key, value in result.items():
-            print(f"{key:24s} {value}")
+    print_result(result, as_json=args.json)
     return 0
