@@ -46,6 +46,7 @@ class EditRun:
     apply_seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     batches: int = 0
+    batch_seconds: list[float] = field(default_factory=list)  # compute, apply and commit
     target_prob: list[float] = field(default_factory=list)
     target_steps: list[float] = field(default_factory=list)
     post_top1: list[float] = field(default_factory=list)
@@ -70,7 +71,11 @@ def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
     )
 
 
-def make_editor(handle: ModelHandle, settings: Settings, algo: str) -> Editor:
+def make_editor(
+    handle: ModelHandle, settings: Settings, algo: str, *, cache_dir: str | Path | None = None
+) -> Editor:
+    """The editor the settings describe, with `algo`; C0 cached in `cache_dir` if given, else
+    where `editing.stats_cache` says."""
     editing = settings.editing.model_copy(update={"algo": algo})
     config = EditorConfig.from_settings(editing, handle.path)
     corpus = None
@@ -82,7 +87,7 @@ def make_editor(handle: ModelHandle, settings: Settings, algo: str) -> Editor:
         handle,
         config,
         corpus=corpus,
-        cache_dir=settings.editing.stats_cache,
+        cache_dir=cache_dir or settings.editing.stats_cache,
         progress=sys.stderr.isatty(),
     )
 
@@ -107,6 +112,7 @@ def apply_sequentially(
     start = time.perf_counter()
     for lo in range(0, len(requests), batch_size):
         batch = requests[lo : lo + batch_size]
+        began = time.perf_counter()
         update = editor.compute_update(batch)
         t = time.perf_counter()
         for name, layer in update.layers.items():
@@ -115,6 +121,7 @@ def apply_sequentially(
         handle.set_deltas(deltas)
         editor.commit(update)
         run.apply_seconds += time.perf_counter() - t
+        run.batch_seconds.append(time.perf_counter() - began)
         diag: dict[str, Any] = dict(update.diagnostics)
         for stage in STAGES:
             run.stages[stage] += float(diag.get("seconds", {}).get(stage, 0.0))

@@ -15,7 +15,6 @@ stage (`target_steps_mean` says how many steps were taken).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -24,8 +23,6 @@ from typing import Any
 import torch
 
 from editd.config import Settings
-
-log = logging.getLogger(__name__)
 
 # Published geometries (config.json of the Meta checkpoints), and a tiny one for tests.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -91,10 +88,9 @@ def run_speed(
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from editd.bench.edit import apply_sequentially, peak_rss_mb
-    from editd.editing.editor import Editor, EditorConfig
+    from editd.bench.edit import apply_sequentially, make_editor, peak_rss_mb
     from editd.editing.model import ModelHandle, resolve_device, resolve_dtype
-    from editd.editing.stats import Corpus, default_corpus
+    from editd.editing.stats import default_budget
     from editd.world.builtin import builtin_model_dir
     from editd.world.requests import make_requests
 
@@ -110,24 +106,13 @@ def run_speed(
         torch.cuda.reset_peak_memory_stats(device)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
-    editing = settings.editing.model_copy(update={"algo": algo})
-    config = EditorConfig.from_settings(editing)  # no checkpoint, so no model profile
-    path = settings.editing.stats_corpus
-    corpus = Corpus.from_path(path) if path is not None else default_corpus()
     requests = make_requests(edits, seed)
-    marks: list[float] = []
     # A fresh cache: C0 of random weights is worth nothing later, and its cost is measured.
+    # The handle has no checkpoint directory, so no model profile applies.
     with tempfile.TemporaryDirectory(prefix="editd-speed-") as cache:
-        editor = Editor(handle, config, corpus=corpus, cache_dir=cache, progress=False)
-        start = time.perf_counter()
-        run = apply_sequentially(
-            handle,
-            editor,
-            requests,
-            batch_size,
-            on_batch=lambda done, total: marks.append(time.perf_counter()),
-        )
-    per_batch = [b - a for a, b in zip([start + run.stats_seconds, *marks], marks, strict=False)]
+        editor = make_editor(handle, settings, algo, cache_dir=cache)
+        run = apply_sequentially(handle, editor, requests, batch_size)
+    d_in = handle.weight(editor.modules[0]).shape[1]
     return {
         "shape": shape,
         "algo": algo,
@@ -139,10 +124,10 @@ def run_speed(
         "model_mb": model_mb,
         "build_seconds": build_seconds,
         "stats_seconds": run.stats_seconds,
-        "stats_tokens": config.stats_tokens or 10 * handle.weight(editor.modules[0]).shape[1],
+        "stats_tokens": editor.config.stats_tokens or default_budget(d_in),
         "seconds": run.seconds,
         "facts_per_second": edits / run.seconds if run.seconds > 0 else float("nan"),
-        "batch_seconds": per_batch,
+        "batch_seconds": run.batch_seconds,
         "stage_seconds": {**run.stages, "apply": run.apply_seconds},
         "target_steps_mean": run.target_steps_mean,
         "peak_device_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
