@@ -1,7 +1,8 @@
 """The fact record: what producers put on the topic and what the editor applies.
 
-See DESIGN.md §5. Adapters for CounterFact and zsRE records, and the configurable limits,
-live beside the schema so every entry point validates the same way.
+See DESIGN.md §5. Adapters for CounterFact and zsRE records (in their original layouts and in
+EasyEdit's flat one), and the configurable limits, live beside the schema so every entry point
+validates the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from editd.config import FactLimits
 
@@ -31,6 +40,11 @@ class FactUpdate(BaseModel):
     target_true: str | None = None
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
+    neighborhood_target: str | None = Field(
+        None,
+        min_length=1,
+        description="True object of the neighbourhood prompts, when it differs from target_true.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FactUpdate:
@@ -48,6 +62,16 @@ class FactUpdate(BaseModel):
         if self.id is None:
             object.__setattr__(self, "id", content_id(self))
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A fact without a neighbourhood target encodes as it did before the field existed, so
+        # its topic records and stored copies stay byte-identical and older readers (which
+        # forbid unknown keys) still accept it.
+        data: dict[str, Any] = handler(self)
+        if self.neighborhood_target is None:
+            data.pop("neighborhood_target", None)
+        return data
 
     @property
     def fact_id(self) -> str:
@@ -87,8 +111,9 @@ class FactError(ValueError):
 def parse_fact(raw: bytes | None, limits: FactLimits) -> FactUpdate:
     """Decode one topic record (UTF-8 JSON) into a fact, enforcing `limits`.
 
-    Native fact records, CounterFact records and zsRE records are all accepted, recognised by
-    their keys, so a producer can replay a benchmark file onto the topic as it is.
+    Native fact records, CounterFact records and zsRE records (also in EasyEdit's flat layout)
+    are all accepted, recognised by their keys, so a producer can replay a benchmark file onto
+    the topic as it is.
     """
     if raw is None:
         raise FactError("empty record: no value (tombstone)")
@@ -106,13 +131,15 @@ def parse_fact(raw: bytes | None, limits: FactLimits) -> FactUpdate:
 
 
 def fact_from_record(record: Any, limits: FactLimits | None = None) -> FactUpdate:
-    """A decoded JSON value (native, CounterFact or zsRE) as a validated fact."""
+    """A decoded JSON value (native, CounterFact, zsRE or EasyEdit flat) as a validated fact."""
     if not isinstance(record, Mapping):
         raise FactError(f"schema error: expected a JSON object, got {_json_type(record)}")
     if "requested_rewrite" in record:
         fact = from_counterfact(record)
     elif "src" in record and "alt" in record:
         fact = from_zsre(record)
+    elif _is_easyedit(record):
+        fact = from_easyedit(record)
     else:
         fact = _validate(record)
     if limits is not None:
@@ -127,6 +154,7 @@ def check_limits(fact: FactUpdate, limits: FactLimits) -> None:
         ("prompt", fact.prompt),
         ("target_new", fact.target_new),
         ("target_true", fact.target_true),
+        ("neighborhood_target", fact.neighborhood_target),
     ]
     for name in ("paraphrase_prompts", "neighborhood_prompts"):
         prompts: tuple[str, ...] = getattr(fact, name)
@@ -164,11 +192,9 @@ def from_counterfact(record: Mapping[str, Any]) -> FactUpdate:
     }
     if rewrite.get("target_true") is not None:
         fields["target_true"] = _target(rewrite, "target_true")
-    case_id = record.get("case_id")
+    case_id = _case_id(record)
     if case_id is not None:
-        if isinstance(case_id, bool) or not isinstance(case_id, int | str):
-            raise FactError(f"schema error: case_id: expected an integer or string: {case_id!r}")
-        fields["id"] = f"cf-{case_id}"
+        fields["id"] = case_id
     return _validate(fields)
 
 
@@ -202,6 +228,102 @@ def from_zsre(record: Mapping[str, Any]) -> FactUpdate:
             rephrase = [rephrase]
         fields["paraphrase_prompts"] = _strings({"rephrase": rephrase}, "rephrase")
     return _validate(fields)
+
+
+# Keys that only EasyEdit's flat layout has; a native record has none of them.
+EASYEDIT_KEYS = ("ground_truth", "rephrase_prompt", "locality_prompt")
+# EasyEdit's zsRE files put GPT-2's end-of-text token where a question has no known answer.
+EASYEDIT_NO_ANSWER = "<|endoftext|>"
+
+
+def _is_easyedit(record: Mapping[str, Any]) -> bool:
+    prompt = record.get("prompt")
+    return (
+        any(key in record for key in EASYEDIT_KEYS)
+        and isinstance(prompt, str)
+        and "{}" not in prompt
+    )
+
+
+def from_easyedit(record: Mapping[str, Any]) -> FactUpdate:
+    """A record in EasyEdit's flat layout, as its CounterFact and zsRE files ship.
+
+    `prompt` is rendered (`subject` occurs in it literally); the template replaces the
+    subject's first occurrence with {}. `ground_truth` is the true object (the first item when
+    it is a list; none when it is EasyEdit's `<|endoftext|>` placeholder). `rephrase_prompt` and
+    `locality_prompt` (a string or a list of strings) become the paraphrase and neighbourhood
+    prompts; `locality_ground_truth` is kept as `neighborhood_target` when it differs from the
+    true object, since NS must compare against it. The id follows `from_counterfact`
+    (`cf-<case_id>`); an explicit string `id` wins.
+    """
+    subject = _string(record, "subject", "subject")
+    prompt = _string(record, "prompt", "prompt")
+    if not subject.strip():
+        raise FactError("schema error: subject: blank")
+    if subject not in prompt:
+        raise FactError(
+            f"schema error: prompt: the subject {subject!r} does not occur in {prompt!r}"
+        )
+    fields: dict[str, Any] = {
+        "subject": subject,
+        "prompt": prompt.replace(subject, "{}", 1),
+        "target_new": _string(record, "target_new", "target_new"),
+        "paraphrase_prompts": _string_or_strings(record, "rephrase_prompt"),
+        "neighborhood_prompts": _string_or_strings(record, "locality_prompt"),
+    }
+    target_true = _answer(record, "ground_truth")
+    if target_true is not None:
+        fields["target_true"] = target_true
+    neighborhood_target = _answer(record, "locality_ground_truth")
+    if fields["neighborhood_prompts"] and neighborhood_target not in (None, target_true):
+        fields["neighborhood_target"] = neighborhood_target
+    if record.get("id") is not None:
+        fields["id"] = _string(record, "id", "id")
+    else:
+        case_id = _case_id(record)
+        if case_id is not None:
+            fields["id"] = case_id
+    return _validate(fields)
+
+
+def _case_id(record: Mapping[str, Any]) -> str | None:
+    case_id = record.get("case_id")
+    if case_id is None:
+        return None
+    if isinstance(case_id, bool) or not isinstance(case_id, int | str):
+        raise FactError(f"schema error: case_id: expected an integer or string: {case_id!r}")
+    return f"cf-{case_id}"
+
+
+def _answer(record: Mapping[str, Any], key: str) -> str | None:
+    """An EasyEdit object: a string or a list whose first item counts; None when absent."""
+    value = record.get(key)
+    if isinstance(value, list):
+        if not value:
+            return None
+        if not isinstance(value[0], str):
+            raise FactError(
+                f"schema error: {key}[0]: expected a string, got {_json_type(value[0])}"
+            )
+        value = value[0]
+    elif value is not None and not isinstance(value, str):
+        raise FactError(
+            f"schema error: {key}: expected a string or a list of strings, got {_json_type(value)}"
+        )
+    if value is None or not value.strip() or value.strip() == EASYEDIT_NO_ANSWER:
+        return None
+    return value
+
+
+def _string_or_strings(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if value is not None and not isinstance(value, list):
+        raise FactError(
+            f"schema error: {key}: expected a string or a list of strings, got {_json_type(value)}"
+        )
+    return _strings(obj, key)
 
 
 def _validate(fields: Mapping[str, Any]) -> FactUpdate:

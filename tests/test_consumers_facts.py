@@ -1,14 +1,24 @@
-"""Record validation (parse_fact), the CounterFact and zsRE adapters, and input detection."""
+"""Record validation (parse_fact), the CounterFact, zsRE and EasyEdit adapters, input detection."""
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
 from editd.config import FactLimits
 from editd.consumers.publish import iter_records, load_facts
-from editd.facts import FactError, FactUpdate, from_counterfact, from_zsre, parse_fact
+from editd.facts import (
+    FactError,
+    FactUpdate,
+    fact_from_record,
+    from_counterfact,
+    from_easyedit,
+    from_zsre,
+    parse_fact,
+)
 
 LIMITS = FactLimits(max_chars=64, max_prompts=3, max_bytes=2048)
 
@@ -48,6 +58,33 @@ ZSRE_RECORD = {
     "cond": "Trinity College >> University of Michigan || What university did Watts Humphrey"
     " attend?",
 }
+
+# The first case of CounterFact in EasyEdit's flat layout (prompt rendered), as in ../shared.
+EASYEDIT_CASE = {
+    "case_id": 0,
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "target_new": "English",
+    "subject": "Danielle Darrieux",
+    "ground_truth": "French",
+    "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+    "locality_prompt": "Michel Rocard is a native speaker of",
+    "locality_ground_truth": "French",
+}
+
+# A zsRE record in EasyEdit's flat layout: list-valued answers, a locality question of its own.
+EASYEDIT_ZSRE = {
+    "subject": "Watts Humphrey",
+    "prompt": "What university did Watts Humphrey attend?",
+    "target_new": "University of Michigan",
+    "ground_truth": ["Illinois Institute of Technology", "IIT"],
+    "rephrase_prompt": ["What university did Watts Humphrey take part in?", "Where did he study?"],
+    "locality_prompt": ["nq question: who played desmond doss father in hacksaw ridge"],
+    "locality_ground_truth": ["Hugo Weaving"],
+}
+
+SHARED_COUNTERFACT = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/counterfact/counterfact-edit.json"
+)
 
 NATIVE = {
     "subject": "Danielle Darrieux",
@@ -170,3 +207,131 @@ def test_schema_is_strict_about_unknown_versions() -> None:
     with pytest.raises(FactError, match="unsupported schema_version 2"):
         parse_fact(raw({**NATIVE, "schema_version": 2}), LIMITS)
     assert isinstance(parse_fact(raw(NATIVE), LIMITS), FactUpdate)
+
+
+def test_easyedit_counterfact_record() -> None:
+    fact = parse_fact(raw(EASYEDIT_CASE), FactLimits())
+    assert fact.id == "cf-0"
+    assert (fact.subject, fact.prompt) == ("Danielle Darrieux", "The mother tongue of {} is")
+    assert fact.rendered_prompt == EASYEDIT_CASE["prompt"]
+    assert (fact.target_new, fact.target_true) == ("English", "French")
+    assert fact.paraphrase_prompts == (EASYEDIT_CASE["rephrase_prompt"],)
+    assert fact.neighborhood_prompts == (EASYEDIT_CASE["locality_prompt"],)
+    # The locality object is the true one: nothing extra to carry, and the encoding is unchanged.
+    assert fact.neighborhood_target is None
+    assert "neighborhood_target" not in fact.model_dump()
+    # The same case as a CounterFact record or as EasyEdit's is the same fact.
+    original = from_counterfact(COUNTERFACT_CASE)
+    assert (fact.id, fact.subject, fact.prompt, fact.target_new, fact.target_true) == (
+        original.id,
+        original.subject,
+        original.prompt,
+        original.target_new,
+        original.target_true,
+    )
+
+
+def test_easyedit_zsre_record_with_lists_and_its_own_locality_answer() -> None:
+    fact = parse_fact(raw(EASYEDIT_ZSRE), FactLimits())
+    assert fact.prompt == "What university did {} attend?"
+    assert (fact.target_new, fact.target_true) == (
+        "University of Michigan",
+        "Illinois Institute of Technology",
+    )
+    assert fact.paraphrase_prompts == tuple(EASYEDIT_ZSRE["rephrase_prompt"])
+    assert fact.neighborhood_prompts == tuple(EASYEDIT_ZSRE["locality_prompt"])
+    assert fact.neighborhood_target == "Hugo Weaving"
+    # No case_id: a content id, which the neighbourhood target does not enter.
+    assert fact.fact_id.startswith("f-")
+    without = from_easyedit(
+        {**EASYEDIT_ZSRE, "locality_ground_truth": "Illinois Institute of Technology"}
+    )
+    assert without.neighborhood_target is None and without.fact_id == fact.fact_id
+    again = parse_fact(fact.model_dump_json().encode(), FactLimits())
+    assert again == fact
+
+
+def test_easyedit_record_edge_cases() -> None:
+    # EasyEdit's zsRE marks an unknown answer with GPT-2's end-of-text token.
+    fact = from_easyedit({**EASYEDIT_ZSRE, "ground_truth": "<|endoftext|>"})
+    assert fact.target_true is None and fact.neighborhood_target == "Hugo Weaving"
+    fact = from_easyedit({**EASYEDIT_ZSRE, "ground_truth": []})
+    assert fact.target_true is None
+    # Only the first occurrence of the subject becomes the placeholder; an explicit id wins.
+    fact = from_easyedit({**EASYEDIT_CASE, "prompt": "Danielle Darrieux is", "id": "mine"})
+    assert (fact.prompt, fact.fact_id) == ("{} is", "mine")
+    # Without locality prompts there is nothing for a locality answer to score.
+    fact = from_easyedit(
+        {**EASYEDIT_CASE, "locality_prompt": [], "locality_ground_truth": "German"}
+    )
+    assert fact.neighborhood_prompts == () and fact.neighborhood_target is None
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (
+            {**EASYEDIT_CASE, "subject": "Someone Else"},
+            "schema error: prompt: the subject 'Someone Else' does not occur in 'The mother",
+        ),
+        ({**EASYEDIT_CASE, "subject": 3}, "schema error: subject: expected a string, got number"),
+        ({**EASYEDIT_CASE, "target_new": None}, "schema error: target_new: expected a string"),
+        (
+            {**EASYEDIT_CASE, "rephrase_prompt": {"p": "q"}},
+            "schema error: rephrase_prompt: expected a string or a list of strings, got object",
+        ),
+        (
+            {**EASYEDIT_CASE, "locality_prompt": ["ok", 2]},
+            "schema error: locality_prompt[1]: expected a string, got number",
+        ),
+        (
+            {**EASYEDIT_CASE, "ground_truth": [1]},
+            "schema error: ground_truth[0]: expected a string, got number",
+        ),
+        ({**EASYEDIT_CASE, "case_id": 1.5}, "schema error: case_id: expected an integer"),
+        ({**EASYEDIT_CASE, "target_new": "French"}, "target_new equals target_true"),
+        (
+            {**EASYEDIT_CASE, "prompt": "Danielle Darrieux said {x}"},
+            "braces besides its one '{}'",
+        ),
+    ],
+)
+def test_easyedit_errors_name_the_field(record: dict[str, object], expected: str) -> None:
+    with pytest.raises(FactError) as info:
+        fact_from_record(record)
+    assert expected in info.value.reason
+
+
+def test_easyedit_detection_and_limits() -> None:
+    # A prompt with {} is a native template even beside an EasyEdit key: the native schema
+    # then refuses the key it does not know.
+    with pytest.raises(FactError, match="ground_truth: Extra inputs are not permitted"):
+        fact_from_record({**NATIVE, "ground_truth": "French"})
+    assert (
+        reason(raw({**EASYEDIT_ZSRE, "locality_ground_truth": "y" * 65}))
+        == "too long: neighborhood_target has 65 characters > facts.max_chars=64"
+    )
+    loaded = load_facts(json.dumps([EASYEDIT_CASE, COUNTERFACT_CASE, NATIVE]), FactLimits())
+    assert [f.fact_id for f in loaded.facts][:2] == ["cf-0", "cf-0"] and not loaded.rejected
+
+
+def test_shared_counterfact_file_loads_entirely() -> None:
+    if not SHARED_COUNTERFACT.is_file():
+        pytest.skip(f"no shared CounterFact data at {SHARED_COUNTERFACT} (see shared/data/README)")
+    text = SHARED_COUNTERFACT.read_text(encoding="utf-8")
+    started = time.perf_counter()
+    loaded = load_facts(text, FactLimits())
+    seconds = time.perf_counter() - started
+    assert loaded.rejected == []
+    assert len(loaded.facts) == 10_000
+    assert len({f.fact_id for f in loaded.facts}) == 10_000
+    first = loaded.facts[0]
+    assert (first.fact_id, first.prompt, first.target_true) == (
+        "cf-0",
+        "The mother tongue of {} is",
+        "French",
+    )
+    assert all(
+        f.target_true and f.paraphrase_prompts and f.neighborhood_prompts for f in loaded.facts
+    )
+    assert seconds < 30, f"loading 10,000 facts took {seconds:.1f} s"
