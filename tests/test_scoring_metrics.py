@@ -12,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from editd.editing.scoring import (
     FactLogprobs,
     canary_accuracy,
+    continuation_logprobs,
+    fact_logprobs,
     harmonic_mean,
     score_facts,
     summarize,
@@ -157,3 +159,31 @@ def test_canary_counts_multi_token_objects_only_when_whole(trained):
     # The full object, a wrong last word, a wrong first word.
     acc = canary_accuracy(model, tokenizer, prompts, ["New York City", "New York Lima", "Oslo"])
     assert acc == pytest.approx(1 / 3)
+
+
+def test_neighbourhood_prompts_are_scored_against_their_own_true_object(trained):
+    # Alma's edit Oslo -> Lima, checked on a neighbour who lives in New York City, not Oslo.
+    model, tokenizer = trained
+    neighbour = TEMPLATES[0].format("Clara Diaz")
+    base = {
+        "subject": "Alma Berg",
+        "prompt": TEMPLATES[0],
+        "target_new": "Lima",
+        "target_true": "Oslo",
+        "neighborhood_prompts": (neighbour,),
+    }
+    plain, targeted = FactUpdate(**base), FactUpdate(**base, neighborhood_target="New York City")
+    mean = [
+        float(lp.mean())
+        for lp in continuation_logprobs(
+            model, tokenizer, [neighbour] * 3, ["Lima", "Oslo", "New York City"]
+        )
+    ]
+    lima, oslo, nyc = mean
+    [scored_plain, scored_targeted] = fact_logprobs(model, tokenizer, [plain, targeted])
+    assert scored_plain.neighborhood[0] == pytest.approx((lima, oslo))
+    assert scored_targeted.neighborhood[0] == pytest.approx((lima, nyc))
+    # The edit prompt still compares against target_true.
+    assert scored_targeted.edit == scored_plain.edit
+    s = score_facts(model, tokenizer, [targeted])
+    assert s.ns == 1.0 and s.ns_magnitude > 0.5

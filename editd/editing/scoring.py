@@ -11,10 +11,16 @@ log-probability of the whole object string. ES: the edit prompt prefers the new 
 true one; PS: the same over paraphrase prompts; NS: neighbourhood prompts (other subjects whose
 true object is this fact's old object) still prefer the true object. Per fact the share of its
 prompts that pass, then the mean over facts, as ROME's `summarize.py` does.
+
+Served accuracy (`served_accuracy`) asks what the model actually generates instead: greedy
+decoding from each prompt, compared on token ids with the object as the teacher-forced scores
+tokenize it, so a model that prefers the new object to the old one but says a third thing
+scores ES 1 above and 0 there.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -359,7 +365,10 @@ def fact_logprobs(
 ) -> list[FactLogprobs]:
     """Mean log-probabilities of new and true object on each fact's prompts.
 
-    Facts without `target_true` cannot be scored and must be filtered out by the caller.
+    The "true" object of the neighbourhood prompts is `neighborhood_target` where a fact has
+    one (their subjects' own object, when it is not this fact's old one) and `target_true`
+    otherwise. Facts without `target_true` cannot be scored and must be filtered out by the
+    caller.
     """
     if any(f.target_true is None for f in facts):
         raise ValueError("every fact needs target_true to be scored")
@@ -370,15 +379,23 @@ def fact_logprobs(
     for i, fact in enumerate(facts):
         assert fact.target_true is not None
         groups = (
-            ("edit", [fact.rendered_prompt]),
-            ("paraphrase", [render(p, fact.subject) for p in fact.paraphrase_prompts]),
+            ("edit", [fact.rendered_prompt], fact.target_true),
+            (
+                "paraphrase",
+                [render(p, fact.subject) for p in fact.paraphrase_prompts],
+                fact.target_true,
+            ),
             # Neighbourhood prompts are about other subjects, so they come rendered.
-            ("neighborhood", list(fact.neighborhood_prompts)),
+            (
+                "neighborhood",
+                list(fact.neighborhood_prompts),
+                fact.neighborhood_target or fact.target_true,
+            ),
         )
-        for kind, kind_prompts in groups:
+        for kind, kind_prompts, true_object in groups:
             for prompt in kind_prompts:
                 prompts += [prompt, prompt]
-                objects += [fact.target_new, fact.target_true]
+                objects += [fact.target_new, true_object]
                 where.append((i, kind))
     logps = [s.logprobs for s in _score_pairs(model, tokenizer, prompts, objects, batch_size)]
     per_fact: list[dict[str, list[tuple[float, float]]]] = [
@@ -408,3 +425,251 @@ def score_facts(
     return summarize(
         fact_logprobs(model, tokenizer, usable, batch_size), skipped=len(facts) - len(usable)
     )
+
+
+# --- Served accuracy: what the model says when it generates, not what it prefers. ----------
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: PreTrainedModel,
+    prefixes: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[list[int]]:
+    """The first `lengths[i]` tokens the model generates greedily after `prefixes[i]`.
+
+    Decoding is argmax at every step, with no stop on EOS (a caller compares a fixed number of
+    tokens). Rows are left-padded into batches with an attention mask and `position_ids` that
+    count real tokens only, and decoded with the KV cache, so a row generates what it would
+    alone.
+    """
+    if len(prefixes) != len(lengths):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(lengths)} lengths")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for p, n in zip(prefixes, lengths, strict=True):
+        if not p:
+            raise ValueError("every prefix needs at least one token")
+        if n < 1:
+            raise ValueError(f"every continuation needs at least one token, got {n}")
+    device = next(model.parameters()).device
+    params = inspect.signature(model.forward).parameters
+    # transformers 5 renamed the KV-cache argument `past_key_values` to `cache`.
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    # Only the last position's logits are read; older releases call it num_logits_to_keep.
+    keep = next(
+        ({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {}
+    )
+    was_training = model.training
+    model.eval()
+    results: dict[int, list[int]] = {}
+    try:
+        # Rows of one batch run to the batch's longest continuation; sorting by that length
+        # (then by prompt length) keeps both the extra steps and the padding small.
+        order = sorted(range(len(prefixes)), key=lambda i: (lengths[i], len(prefixes[i])))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            steps = max(lengths[i] for i in chunk)
+            generated = _greedy_batch(
+                model, [prefixes[i] for i in chunk], steps, pad_id, device, cache_arg, keep
+            )
+            for i, row in zip(chunk, generated, strict=True):
+                results[i] = row[: lengths[i]]
+    finally:
+        model.train(was_training)
+    return [results[i] for i in range(len(prefixes))]
+
+
+def _greedy_batch(
+    model: PreTrainedModel,
+    prefixes: list[Sequence[int]],
+    steps: int,
+    pad_id: int,
+    device: torch.device,
+    cache_arg: str,
+    keep: dict[str, int],
+) -> list[list[int]]:
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for row, p in enumerate(prefixes):
+        # Left padding: every row's last real token sits in the last column.
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    tokens = [out.logits[:, -1].argmax(-1)]  # (batch,) per step
+    for _ in range(steps - 1):
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        out = model(
+            input_ids=tokens[-1][:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **keep,
+            **{cache_arg: out[cache_arg]},
+        )
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1).tolist()
+
+
+@dataclass(frozen=True)
+class ServedScores:
+    """Served (generated) accuracy over a set of facts; NaN where a set had no prompts.
+
+    es/ps: share of edit/paraphrase prompts whose greedy continuation starts with the new
+    object. ns: share of neighbourhood prompts whose continuation does not start with it (the
+    edit did not leak). ns_true: share of neighbourhood prompts whose continuation starts with
+    their true object (`neighborhood_target`, else `target_true`), the stricter figure; only
+    facts that name such an object count towards it. Per fact the share of its prompts, then
+    the mean over facts, as the teacher-forced `Scores` are aggregated.
+    """
+
+    es: float
+    ps: float
+    ns: float
+    ns_true: float
+    facts: int
+    edit_prompts: int
+    paraphrase_prompts: int
+    neighborhood_prompts: int
+    ns_true_prompts: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def served_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[FactUpdate],
+    *,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+) -> ServedScores:
+    """What the model generates greedily on each fact's edit, paraphrase and neighbourhood prompts.
+
+    A continuation "starts with" an object when its first k token ids are the object's ids as
+    they follow the prompt (`encode_pair`, the teacher-forced scores' tokenization), k being
+    the object's token count. By default each prompt generates as many tokens as the longest
+    object it is compared with; `max_new_tokens` fixes that number instead, and an object
+    longer than it is never matched (the model did not say it within the budget). The
+    tokenizer is only read (batches are built here, left-padded), never reconfigured.
+    """
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    prefix = leading_special_ids(tokenizer)
+    prompt_ids: list[list[int]] = []
+    # Per prompt: (fact index, kind, new object ids, true object ids or None).
+    items: list[tuple[int, str, list[int], list[int] | None]] = []
+    for i, fact in enumerate(facts):
+        true_neighbour = fact.neighborhood_target or fact.target_true
+        groups = (
+            ("edit", [fact.rendered_prompt]),
+            ("paraphrase", [render(p, fact.subject) for p in fact.paraphrase_prompts]),
+            ("neighborhood", list(fact.neighborhood_prompts)),
+        )
+        for kind, kind_prompts in groups:
+            for prompt in kind_prompts:
+                ids, new_ids = encode_pair(tokenizer, prompt, fact.target_new, prefix)
+                true_ids = None
+                if kind == "neighborhood" and true_neighbour is not None:
+                    true_ids = encode_pair(tokenizer, prompt, true_neighbour, prefix)[1]
+                prompt_ids.append(ids)
+                items.append((i, kind, new_ids, true_ids))
+    if max_new_tokens is not None:
+        lengths = [max_new_tokens] * len(items)
+    else:
+        lengths = [max(len(new), len(true or ())) for _, _, new, true in items]
+    generated = greedy_continuations(
+        model, prompt_ids, lengths, pad_id=_pad_id(tokenizer), batch_size=batch_size
+    )
+
+    def starts_with(tokens: list[int], obj: list[int]) -> bool:
+        return len(tokens) >= len(obj) and tokens[: len(obj)] == obj
+
+    hits: list[dict[str, list[bool]]] = [
+        {"edit": [], "paraphrase": [], "neighborhood": [], "ns_true": []} for _ in facts
+    ]
+    for (i, kind, new_ids, true_ids), tokens in zip(items, generated, strict=True):
+        said_new = starts_with(tokens, new_ids)
+        hits[i][kind].append(not said_new if kind == "neighborhood" else said_new)
+        if true_ids is not None:
+            hits[i]["ns_true"].append(starts_with(tokens, true_ids))
+
+    def part(kind: str) -> tuple[float, int]:
+        shares = [sum(h[kind]) / len(h[kind]) for h in hits if h[kind]]
+        prompts = sum(len(h[kind]) for h in hits)
+        return (sum(shares) / len(shares) if shares else math.nan), prompts
+
+    (es, n_e), (ps, n_p), (ns, n_n), (ns_true, n_t) = (
+        part(k) for k in ("edit", "paraphrase", "neighborhood", "ns_true")
+    )
+    return ServedScores(
+        es=es,
+        ps=ps,
+        ns=ns,
+        ns_true=ns_true,
+        facts=len(facts),
+        edit_prompts=n_e,
+        paraphrase_prompts=n_p,
+        neighborhood_prompts=n_n,
+        ns_true_prompts=n_t,
+    )
+
+
+CANARY_ANSWER_TOKENS = 4  # greedy tokens read to find the answer's first word
+
+
+def own_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[str | None]:
+    """The model's own greedy answer to each prompt: the first word it generates.
+
+    A real model's canary is its own behaviour, not a gold answer: the word is what
+    `canary_accuracy` later checks is still the greedy completion. None where the model
+    starts with no word (punctuation or a line break), which a canary leaves out.
+    """
+    lead = leading_special_ids(tokenizer)
+    prefixes = [lead + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    outs = greedy_continuations(
+        model,
+        prefixes,
+        [CANARY_ANSWER_TOKENS] * len(prompts),
+        pad_id=_pad_id(tokenizer),
+        batch_size=batch_size,
+    )
+    answers: list[str | None] = []
+    for ids in outs:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        words = text.split("\n", 1)[0].split()
+        word = words[0].strip(".,;:!?\"'()") if words and text[:1] == " " else ""
+        answers.append(word or None)
+    return answers
+
+
+def canary_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[list[str], list[str]]:
+    """(prompts, answers) of a canary on this model: its own first words, kept where the
+    unedited model's greedy completion is that word as `canary_accuracy` tokenises it, so the
+    unedited model scores 1 and a drop counts flips only. On SmolLM2-135M, 344 of the 360
+    shipped prompts."""
+    answers = own_answers(model, tokenizer, prompts, batch_size=batch_size)
+    kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a is not None]
+    hits = greedy_match(model, tokenizer, [p for p, _ in kept], [a for _, a in kept], batch_size)
+    kept = [pair for pair, hit in zip(kept, hits, strict=True) if hit]
+    return [p for p, _ in kept], [a for _, a in kept]
