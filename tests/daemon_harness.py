@@ -72,6 +72,8 @@ class Daemon:
             "EDITD_EVAL__INTERVAL_SECONDS": "3600",
             "EDITD_EVAL__AFTER_EACH_VERSION": "false",
             "OMP_NUM_THREADS": "2",
+            # The fast tests serve the packaged world model; the real-model tests say so.
+            "EDITD_MODEL__PATH": "builtin",
             **(env or {}),
         }
         self.lines: list[str] = []

@@ -10,6 +10,7 @@ import torch
 from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.targets import object_probability
+from editd.models.corpus import builtin_world_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,9 @@ def test_one_batch_of_32_becomes_top1(builtin: Path, c0_cache: Path, algo: str) 
     assert config.site == "prompt_last"  # the model's profile was read
     # Earlier batches keep MEMIT's weight relative to λ (1e-4), which is all EMMET depends on.
     assert config.preserve_weight / config.mom2_weight == pytest.approx(1e-4)
-    editor = Editor(handle, config, cache_dir=c0_cache, progress=False)
+    editor = Editor(
+        handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
+    )
     with handle.reading():
         before, _ = object_probability(handle, requests)
     update = editor.compute_update(requests)
@@ -66,7 +69,9 @@ def test_one_batch_of_32_meets_the_es_ps_ns_floors(
 
     handle = ModelHandle.load(builtin, device="cpu")
     config = EditorConfig.from_settings(EditingSettings(algo=algo), builtin)
-    editor = Editor(handle, config, cache_dir=c0_cache, progress=False)
+    editor = Editor(
+        handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
+    )
     scored = []
     for seed in range(5):
         requests = make_requests(32, seed=seed)

@@ -29,6 +29,7 @@ from editd.config import Settings
 from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
+from editd.editing.stats import Corpus
 from editd.facts import FactUpdate
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,23 @@ class EditRun:
         return sum(self.target_steps) / len(self.target_steps) if self.target_steps else 0.0
 
 
-def model_dir(model: Path | None) -> Path:
+def model_dir(model: Path | None, settings: Settings | None = None) -> Path:
+    """A model directory or name (`builtin`, `smollm2-135m`); the built-in model when None."""
+    from editd.models.registry import BUILTIN, resolve_model
+
+    cache = settings.model.cache_dir if settings is not None else None
+    return resolve_model(model if model is not None else BUILTIN, cache=cache)
+
+
+def _is_builtin(path: Path) -> bool:
     from editd.world.builtin import builtin_model_dir
 
-    return model or builtin_model_dir()
+    return Path(path).resolve() == builtin_model_dir().resolve()
 
 
 def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
     return ModelHandle.load(
-        model_dir(model),
+        model_dir(model, settings),
         device=settings.model.device,
         dtype=settings.model.dtype,
         module_template=settings.editing.module_template,
@@ -72,24 +81,29 @@ def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
 
 
 def make_editor(
-    handle: ModelHandle, settings: Settings, algo: str, *, cache_dir: str | Path | None = None
+    handle: ModelHandle,
+    settings: Settings,
+    algo: str,
+    *,
+    cache_dir: str | Path | None = None,
+    corpus: Corpus | None = None,
 ) -> Editor:
     """The editor the settings describe, with `algo`; C0 cached in `cache_dir` if given, else
-    where `editing.stats_cache` says."""
+    where `editing.stats_cache` says, from `corpus` if given, else the model's own
+    (`editd.models.corpus.stats_corpus`)."""
+    from editd.models.corpus import stats_corpus
+
     editing = settings.editing.model_copy(update={"algo": algo})
     config = EditorConfig.from_settings(editing, handle.path)
-    corpus = None
-    if settings.editing.stats_corpus is not None:
-        from editd.editing.stats import Corpus
-
-        corpus = Corpus.from_path(settings.editing.stats_corpus)
-    return Editor(
+    cache = Path(cache_dir or settings.editing.stats_cache or Path.home() / ".cache" / "editd")
+    corpus = corpus or stats_corpus(
         handle,
-        config,
-        corpus=corpus,
-        cache_dir=cache_dir or settings.editing.stats_cache,
-        progress=sys.stderr.isatty(),
+        configured=settings.editing.stats_corpus,
+        builtin=handle.path is not None and _is_builtin(handle.path),
+        cache_dir=cache,
+        tokens=settings.editing.stats_tokens,
     )
+    return Editor(handle, config, corpus=corpus, cache_dir=cache, progress=sys.stderr.isatty())
 
 
 def apply_sequentially(
@@ -185,6 +199,95 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a benchmark edits and how it checks the rest of the model."""
+
+    requests: list[FactUpdate]
+    canary_prompts: list[str]
+    canary_objects: list[str]
+    known: list[FactUpdate] = field(default_factory=list)  # facts the base model gets right
+    texts: list[str] = field(default_factory=list)  # held-out text for perplexity
+    source: str = "builtin-world"
+
+
+KNOWN_FACTS = 64
+PERPLEXITY_TEXTS = 200
+
+
+def world_workload(edits: int, seed: int, canary_size: int = CANARY_SIZE) -> Workload:
+    """The built-in world's requests, and its unedited facts as the canary."""
+    from editd.world.requests import make_requests
+
+    requests = make_requests(edits, seed)
+    prompts, objects = canary_set(requests, canary_size, seed)
+    return Workload(requests, prompts, objects)
+
+
+def dataset_workload(
+    handle: ModelHandle, dataset: Path, edits: int, seed: int, text: Path | None = None
+) -> Workload:
+    """`edits` records of a real dataset (its evaluation split, drawn by `seed`); the canary is
+    the model's own answers to the shipped prompts; `known` are other records whose true
+    object the unedited model prefers, re-checked after editing."""
+    from editd.bench.data import draw, load_dataset, split
+    from editd.editing.scoring import canary_pairs
+    from editd.monitoring.canary import canary_prompts
+
+    pool = split(load_dataset(dataset), "eval")
+    requests = draw(pool, edits, seed)
+    others = draw(
+        pool,
+        min(len(pool) - edits, 4 * KNOWN_FACTS),
+        seed + 1,
+        exclude_subjects={f.subject for f in requests},
+    )
+    with handle.reading():
+        prompts, objects = canary_pairs(handle.model, handle.tokenizer, canary_prompts())
+        scored = fact_logprobs(handle.model, handle.tokenizer, others)
+    known = [f for f, lp in zip(others, scored, strict=True) if _prefers_true(lp)][:KNOWN_FACTS]
+    texts: list[str] = []
+    if text is not None:
+        lines = (t.strip() for t in Path(text).read_text(encoding="utf-8").splitlines())
+        # WikiText's heading lines (" = Title = ") are not prose.
+        texts = [t for t in lines if len(t.split()) >= 8 and not t.startswith("=")]
+        texts = texts[:PERPLEXITY_TEXTS]
+    return Workload(requests, prompts, objects, known, texts, source=str(dataset))
+
+
+def _prefers_true(lp: FactLogprobs) -> bool:
+    new, true = lp.edit[0]
+    return true > new
+
+
+def known_kept(handle: ModelHandle, known: Sequence[FactUpdate]) -> float:
+    """Share of `known` whose true object is still preferred over the counterfactual."""
+    if not known:
+        return float("nan")
+    return sum(map(_prefers_true, score(handle, known))) / len(known)
+
+
+def served(handle: ModelHandle, requests: Sequence[FactUpdate]) -> dict[str, float]:
+    from editd.editing.scoring import served_accuracy
+
+    with handle.reading():
+        s = served_accuracy(handle.model, handle.tokenizer, requests)
+    return {"es": s.es, "ps": s.ps, "ns": s.ns, "ns_true": s.ns_true}
+
+
+def perplexity(handle: ModelHandle, texts: Sequence[str]) -> float:
+    from editd.editing.scoring import heldout_perplexity
+
+    if not texts:
+        return float("nan")
+    with handle.reading():
+        return heldout_perplexity(handle.model, handle.tokenizer, texts)
+
+
+def _ratio(after: float, before: float) -> float:
+    return after / before if before and math.isfinite(before) else float("nan")
+
+
 def run_bench(
     handle: ModelHandle,
     settings: Settings,
@@ -193,13 +296,15 @@ def run_bench(
     batch_size: int,
     edits: int,
     seed: int,
-    canary_size: int = CANARY_SIZE,
+    workload: Workload | None = None,
 ) -> dict[str, Any]:
-    from editd.world.requests import make_requests
-
-    requests = make_requests(edits, seed)
-    prompts, objects = canary_set(requests, canary_size, seed)
-    base_canary = canary(handle, prompts, objects)
+    work = workload or world_workload(edits, seed)
+    requests = work.requests
+    base_canary = canary(handle, work.canary_prompts, work.canary_objects)
+    base_scores = summarize(score(handle, requests))
+    base_served = served(handle, requests)
+    base_ppl = perplexity(handle, work.texts)
+    base_known = known_kept(handle, work.known)
     editor = make_editor(handle, settings, algo)
     run = apply_sequentially(
         handle,
@@ -210,24 +315,48 @@ def run_bench(
     )
     t = time.perf_counter()
     scores = summarize(score(handle, requests))
-    after_canary = canary(handle, prompts, objects)
+    after_canary = canary(handle, work.canary_prompts, work.canary_objects)
+    after_served = served(handle, requests)
+    after_ppl = perplexity(handle, work.texts)
+    after_known = known_kept(handle, work.known)
     scoring_seconds = time.perf_counter() - t
     return {
         "algo": algo,
         "batch_size": batch_size,
         "edits": edits,
         "seed": seed,
+        "dataset": work.source,
         "es": scores.es,
         "ps": scores.ps,
         "ns": scores.ns,
         "s": scores.s,
+        "es_base": base_scores.es,
+        "ps_base": base_scores.ps,
+        "ns_base": base_scores.ns,
         "es_magnitude": scores.es_magnitude,
         "ps_magnitude": scores.ps_magnitude,
         "ns_magnitude": scores.ns_magnitude,
+        # What greedy generation says: the figure a user sees.
+        "served_es": after_served["es"],
+        "served_ps": after_served["ps"],
+        "served_ns": after_served["ns"],
+        "served_ns_true": after_served["ns_true"],
+        "served_ns_true_base": base_served["ns_true"],
+        "canary": after_canary,
+        "canary_base": base_canary,
+        "canary_ratio": _ratio(after_canary, base_canary),
+        "canary_prompts": len(work.canary_prompts),
+        "known_facts": len(work.known),
+        "known_kept": after_known,
+        "known_kept_base": base_known,
+        "perplexity": after_ppl,
+        "perplexity_base": base_ppl,
+        "perplexity_ratio": _ratio(after_ppl, base_ppl),
+        # The names earlier runs used for the canary, kept so their JSON compares.
         "heldout_accuracy": after_canary,
         "heldout_accuracy_base": base_canary,
-        "heldout_ratio": after_canary / base_canary if base_canary else float("nan"),
-        "canary_facts": len(prompts),
+        "heldout_ratio": _ratio(after_canary, base_canary),
+        "canary_facts": len(work.canary_prompts),
         "seconds": run.seconds,
         "facts_per_second": edits / run.seconds if run.seconds > 0 else float("nan"),
         "stats_seconds": run.stats_seconds,
@@ -251,6 +380,15 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print("editd bench edit: --edits and --batch-size must be positive", file=sys.stderr)
         return 2
     handle = load_handle(args.model, settings)
+    workload = None
+    if args.dataset is not None:
+        workload = dataset_workload(handle, args.dataset, args.edits, args.seed, args.text)
+    elif handle.path is not None and not _is_builtin(handle.path):
+        print(
+            "editd bench edit: a model other than the built-in one needs --dataset FILE",
+            file=sys.stderr,
+        )
+        return 2
     result = run_bench(
         handle,
         settings,
@@ -258,6 +396,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size,
         edits=args.edits,
         seed=args.seed,
+        workload=workload,
     )
     print_result(result, as_json=args.json)
     return 0

@@ -91,6 +91,7 @@ def run_speed(
     from editd.bench.edit import apply_sequentially, make_editor, peak_rss_mb
     from editd.editing.model import ModelHandle, resolve_device, resolve_dtype
     from editd.editing.stats import default_budget
+    from editd.models.corpus import builtin_world_corpus
     from editd.world.builtin import builtin_model_dir
     from editd.world.requests import make_requests
 
@@ -110,7 +111,9 @@ def run_speed(
     # A fresh cache: C0 of random weights is worth nothing later, and its cost is measured.
     # The handle has no checkpoint directory, so no model profile applies.
     with tempfile.TemporaryDirectory(prefix="editd-speed-") as cache:
-        editor = make_editor(handle, settings, algo, cache_dir=cache)
+        # Random weights have no text of their own; any fixed corpus measures C0's cost.
+        corpus = builtin_world_corpus()
+        editor = make_editor(handle, settings, algo, cache_dir=cache, corpus=corpus)
         run = apply_sequentially(handle, editor, requests, batch_size)
     d_in = handle.weight(editor.modules[0]).shape[1]
     return {

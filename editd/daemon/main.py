@@ -180,13 +180,15 @@ def _load(
     # torch and transformers load here, after the socket and the broker are up.
     from editd.editing.editor import Editor, EditorConfig
     from editd.editing.model import ModelHandle
-    from editd.editing.stats import default_corpus
+    from editd.models.corpus import stats_corpus
+    from editd.models.registry import resolve_model
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline
     from editd.store.store import EditStore
+    from editd.world.builtin import builtin_model_dir
 
-    builtin = settings.model.path is None
-    path = _model_path(settings)
+    path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
+    builtin = path.resolve() == builtin_model_dir().resolve()
     handle = ModelHandle.load(
         path,
         settings.model.device,
@@ -194,11 +196,19 @@ def _load(
         module_template=settings.editing.module_template,
     )
     data_dir = Path(settings.store.data_dir)
+    cache_dir = settings.editing.stats_cache or data_dir / "cache"
+    corpus = stats_corpus(
+        handle,
+        configured=settings.editing.stats_corpus,
+        builtin=builtin,
+        cache_dir=cache_dir,
+        tokens=settings.editing.stats_tokens,
+    )
     editor = Editor(
         handle,
         EditorConfig.from_settings(settings.editing, path),
-        corpus=default_corpus(settings.editing.stats_corpus),
-        cache_dir=settings.editing.stats_cache or data_dir / "cache",
+        corpus=corpus,
+        cache_dir=cache_dir,
     )
     base = {name: handle.weight(name).detach().cpu().clone() for name in editor.modules}
     store = EditStore(data_dir, snapshot_every=settings.store.snapshot_every)
@@ -206,7 +216,7 @@ def _load(
     stack.callback(store.close)
     log.info("C0 statistics ready in %.1fs", editor.prepare())
 
-    canary, probes = _evaluation_sets(settings, builtin)
+    canary, probes = _evaluation_sets(settings, builtin, handle)
     service = EditService(
         settings, handle, editor, store, metrics, bootstrap_servers=servers, canary=canary
     )
@@ -229,15 +239,9 @@ def _load(
     return service
 
 
-def _model_path(settings: Settings) -> Path:
-    if settings.model.path is not None:
-        return Path(settings.model.path)
-    from editd.world.builtin import builtin_model_dir
-
-    return builtin_model_dir()
-
-
-def _evaluation_sets(settings: Settings, builtin: bool) -> tuple[Canary | None, list[FactUpdate]]:
+def _evaluation_sets(
+    settings: Settings, builtin: bool, handle: Any
+) -> tuple[Canary | None, list[FactUpdate]]:
     """Probe facts (must not change) and the canary, from the configured files or the world."""
     from editd.consumers.publish import load_facts
 
@@ -250,13 +254,19 @@ def _evaluation_sets(settings: Settings, builtin: bool) -> tuple[Canary | None, 
 
         probes = make_requests(settings.eval.probe_size, seed=PROBE_SEED)
     probes = [as_probe(f) for f in probes[: settings.eval.probe_size]]
-    canary = None
     if builtin:
         from editd.world.requests import unedited_examples
 
         pairs = unedited_examples(probes, settings.eval.probe_size, seed=PROBE_SEED)
-        canary = Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs))
-    return canary, probes
+        return Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs)), probes
+    # A real model's canary: its own answers to the shipped general-knowledge prompts.
+    from editd.editing.scoring import canary_pairs
+    from editd.monitoring.canary import canary_prompts
+
+    with handle.reading():
+        prompts, answers = canary_pairs(handle.model, handle.tokenizer, canary_prompts())
+    log.info("canary: %d prompts the base model answers itself", len(prompts))
+    return Canary(tuple(prompts), tuple(answers)), probes
 
 
 def as_probe(fact: FactUpdate) -> FactUpdate:

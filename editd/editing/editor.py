@@ -36,7 +36,7 @@ from editd.editing.keys import (
 )
 from editd.editing.model import ModelHandle
 from editd.editing.solvers import SOLVERS, Preservation, layer_share, solve_emmet
-from editd.editing.stats import Corpus, SecondMomentCache, default_corpus
+from editd.editing.stats import Corpus, SecondMomentCache
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
 from editd.editing.types import EditUpdate, LayerUpdate
@@ -101,11 +101,16 @@ class EditorConfig:
             site=merged.site,
             split=merged.layer_split,
             mom2_weight=merged.mom2_weight,
+            emmet_eps=merged.emmet_eps,
             preserve_weight=merged.preserve_weight,
             stats_tokens=merged.stats_tokens,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )
+
+
+class UneditableModel(ValueError):
+    """The model's architecture breaks an assumption of the update; the message names it."""
 
 
 PROFILE_FILE = "editd.json"
@@ -153,6 +158,14 @@ class Editor:
         if not self.layers or max(self.layers) >= handle.num_layers or min(self.layers) < 0:
             raise ValueError(f"layers {self.layers} do not fit a {handle.num_layers}-layer model")
         self.layers.sort()
+        normed = [n for n in map(handle.mlp_output_norm, self.layers) if n is not None]
+        if normed:
+            raise UneditableModel(
+                f"{normed[0]} normalises the MLP output before it joins the residual stream; "
+                "the closed-form update assumes down_proj's output is added as it is, so its "
+                "targets would not be realised and the edit would damage the model. editd "
+                "does not edit models with a post-feed-forward norm."
+            )
         self.modules = [handle.module_name(i) for i in self.layers]
         self.last_layer = handle.layer_name(self.layers[-1])
         self._corpus = corpus
@@ -177,7 +190,11 @@ class Editor:
         if self.preservation:
             return 0.0
         start = time.perf_counter()
-        corpus = self._corpus or default_corpus()
+        # No fallback text: a real model's C0 from the built-in world's invented sentences
+        # describes keys it never sees (editd.models.corpus picks the text per model).
+        if self._corpus is None:
+            raise ValueError("the editor has no C0 corpus (see editd.models.corpus.stats_corpus)")
+        corpus = self._corpus
         c0s = self._cache.get(self.handle, self.modules, corpus, self.config.stats_tokens)
         device = self.handle.device
         cfg = self.config

