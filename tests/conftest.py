@@ -29,3 +29,29 @@ def c0_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDITD_EDITING__STATS_CACHE", str(path))
         yield path
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` (CounterFact, WikiText-2); tests that need it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent: the CounterFact / WikiText test data is not here")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M converted once by `editd model fetch`, shared by every real-model test.
+
+    Kept in the user's model cache (not the test's temporary directory), so the download and
+    conversion happen once per machine, as they do for a user.
+    """
+    from editd.models.fetch import SMOLLM2, FetchError, fetch
+
+    try:
+        return fetch(SMOLLM2)
+    except FetchError as exc:
+        pytest.skip(f"SmolLM2-135M cannot be fetched here: {exc}")

@@ -151,6 +151,9 @@ def import_gguf(
             (staged / "editd.json").write_text(json.dumps(profile, indent=2) + "\n")
         progress("checking the written model's logits against the GGUF's")
         check_identical(model, tokenizer, staged)
+        for f in staged.iterdir():
+            f.chmod(0o644)  # readable by every daemon of the machine, like a pip install
+        staged.chmod(0o755)  # a temporary directory is created private
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
