@@ -135,18 +135,35 @@ def generate_texts(
     return texts
 
 
+MODEL_CORPUS_FILE = "c0-corpus.txt"  # a model directory's own C0 text (editd model fetch)
+
+
+def write_generated(handle: ModelHandle, path: Path, tokens: int) -> Path:
+    """Generate at least `tokens` tokens of the model's own text into `path`, atomically."""
+    log.info("generating %d tokens of the model's own text for C0", tokens)
+    texts = generate_texts(handle, tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # One text per line: the corpus reader splits on lines.
+    tmp.write_text("".join(" ".join(t.split()) + "\n" for t in texts), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def generated_corpus(handle: ModelHandle, cache_dir: Path, tokens: int) -> Corpus:
     """Self-generated text for C0, made once per model and kept in `cache_dir`."""
     path = Path(cache_dir) / f"selfgen-{handle.identity}-{tokens}.txt"
     if not path.is_file():
-        log.info("generating %d tokens of the model's own text for C0", tokens)
-        texts = generate_texts(handle, tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        # One text per line: the corpus reader splits on lines.
-        tmp.write_text("".join(" ".join(t.split()) + "\n" for t in texts), encoding="utf-8")
-        tmp.replace(path)
+        write_generated(handle, path, tokens)
     return Corpus.from_path(path)
+
+
+def generated_budget(handle: ModelHandle, tokens: int | None = None) -> int:
+    """Tokens of generated text C0 needs: its budget for down_proj's input width, plus a
+    quarter for the seeds' own tokens (C0 leaves out special tokens only)."""
+    d_in = int(getattr(handle.config, "intermediate_size", None) or handle.config.hidden_size)
+    budget = tokens or default_budget(d_in)
+    return budget + budget // 4
 
 
 def stats_corpus(
@@ -157,14 +174,13 @@ def stats_corpus(
     cache_dir: Path,
     tokens: int | None = None,
 ) -> Corpus:
-    """The C0 corpus for `handle`: the configured file, the world's text, or generated text."""
+    """The C0 corpus for `handle`: the configured file, the world's text, the model
+    directory's own `c0-corpus.txt`, or text generated now (once, into `cache_dir`)."""
     if configured is not None:
         return Corpus.from_path(configured)
     if builtin:
         return builtin_world_corpus()
-    # down_proj's input width; the budget C0 will spend on the widest edited layer.
-    d_in = int(getattr(handle.config, "intermediate_size", None) or handle.config.hidden_size)
-    budget = tokens or default_budget(d_in)
-    # C0 leaves out special tokens only, so the seeds' own tokens count: a quarter more text
-    # than the budget covers them.
-    return generated_corpus(handle, cache_dir, budget + budget // 4)
+    own = handle.path / MODEL_CORPUS_FILE if handle.path is not None else None
+    if own is not None and own.is_file():
+        return Corpus.from_path(own)
+    return generated_corpus(handle, cache_dir, generated_budget(handle, tokens))

@@ -153,4 +153,19 @@ def fetch(
             import_gguf(gguf, out, profile=spec.load_profile(), force=True, progress=progress)
         except ImportError_ as exc:
             raise FetchError(str(exc)) from exc
+    write_model_corpus(out, progress)
     return out
+
+
+def write_model_corpus(model_dir: Path, progress: Progress) -> Path:
+    """The model's own text for C0, generated once beside its weights, so a first start
+    spends seconds on C0 instead of minutes generating."""
+    from editd.editing.model import ModelHandle
+    from editd.models.corpus import MODEL_CORPUS_FILE, generated_budget, write_generated
+
+    handle = ModelHandle.load(model_dir, device="auto")
+    tokens = generated_budget(handle)
+    progress(f"generating {tokens} tokens of the model's own text for C0 (a few minutes on CPU)")
+    path = write_generated(handle, model_dir / MODEL_CORPUS_FILE, tokens)
+    path.chmod(0o644)
+    return path
