@@ -19,7 +19,9 @@ def test_candidates_are_the_traced_window_and_memits_recipe() -> None:
     assert candidate_windows(effects, list(range(6)), [2, 3], 2) == [[2, 3]]
 
 
-def test_profile_writes_the_best_grid_point_with_its_evidence(tmp_path: Path) -> None:
+def test_profile_writes_the_best_grid_point_with_its_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from editd.cli import main
     from editd.world.requests import make_requests
 
@@ -28,6 +30,8 @@ def test_profile_writes_the_best_grid_point_with_its_evidence(tmp_path: Path) ->
     dataset = tmp_path / "facts.jsonl"
     dataset.write_text("".join(f.model_dump_json() + "\n" for f in make_requests(2000, seed=3)))
     out = tmp_path / "editd.json"
+    # A small C0 budget: the layers the trace picks are not the ones the session cache holds.
+    monkeypatch.setenv("EDITD_EDITING__STATS_TOKENS", "4096")
     args = ["model", "profile", "builtin", "--dataset", str(dataset), "--facts", "4"]
     args += ["--window", "2", "--lambdas", "30", "--clamps", "4", "--out", str(out)]
     assert main(args) == 0
