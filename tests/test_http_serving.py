@@ -36,6 +36,9 @@ from editd.daemon.generation import Completion, Generator, SamplingParams
 from editd.daemon.server import HttpServer
 from editd.editing.model import ModelHandle
 
+# Small matmuls only lose from intra-op threads, and the machine's cores are shared.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CORPUS = [
     "The capital of France is Paris.",
     "The mother tongue of Danielle Darrieux is French.",
@@ -92,15 +95,6 @@ def _tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCa
         initializer_range=0.2,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny matmuls only lose from intra-op threads, and the machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Daemon:
