@@ -164,13 +164,22 @@ class Solution:
     diagnostics: dict[str, float]
 
 
+RCOND = 1e-12  # relative eigenvalue below which M counts as singular
+
+
 def _sym_solve(m: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """M⁻¹ rhs for symmetric PSD M; least-norm (pseudo-inverse) if M is singular."""
     m = (m + m.T) / 2
     chol, info = torch.linalg.cholesky_ex(m)
     if not int(info):
-        return torch.cholesky_solve(rhs, chol), False
-    return torch.linalg.pinv(m, hermitian=True) @ rhs, True
+        # A singular M (two facts sharing one key) can still factor when rounding leaves a
+        # tiny positive pivot, and the solve then blows up along the null direction: whether
+        # it factors depends on the BLAS build. A pivot ratio² below 1e-12 is singular in
+        # float64 whichever way it rounded.
+        d = chol.diagonal().abs()
+        if float(d.min()) ** 2 > RCOND * float(d.max()) ** 2:
+            return torch.cholesky_solve(rhs, chol), False
+    return torch.linalg.pinv(m, hermitian=True, rtol=RCOND) @ rhs, True
 
 
 def _solve(
