@@ -31,6 +31,7 @@ from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
 from editd.editing.stats import Corpus
 from editd.facts import FactUpdate
+from editd.models.registry import is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ def model_dir(model: Path | None, settings: Settings | None = None) -> Path:
     return resolve_model(model if model is not None else BUILTIN, cache=cache)
 
 
-def _is_builtin(path: Path) -> bool:
-    from editd.world.builtin import builtin_model_dir
-
-    return Path(path).resolve() == builtin_model_dir().resolve()
-
-
 def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
     return ModelHandle.load(
         model_dir(model, settings),
@@ -99,7 +94,6 @@ def make_editor(
     corpus = corpus or stats_corpus(
         handle,
         configured=settings.editing.stats_corpus,
-        builtin=handle.path is not None and _is_builtin(handle.path),
         cache_dir=cache,
         tokens=settings.editing.stats_tokens,
     )
@@ -245,7 +239,7 @@ def dataset_workload(
     with handle.reading():
         prompts, objects = canary_pairs(handle.model, handle.tokenizer, canary_prompts())
         scored = fact_logprobs(handle.model, handle.tokenizer, others)
-    known = [f for f, lp in zip(others, scored, strict=True) if _prefers_true(lp)][:KNOWN_FACTS]
+    known = [f for f, lp in zip(others, scored, strict=True) if prefers_true(lp)][:KNOWN_FACTS]
     texts: list[str] = []
     if text is not None:
         lines = (t.strip() for t in Path(text).read_text(encoding="utf-8").splitlines())
@@ -255,7 +249,8 @@ def dataset_workload(
     return Workload(requests, prompts, objects, known, texts, source=str(dataset))
 
 
-def _prefers_true(lp: FactLogprobs) -> bool:
+def prefers_true(lp: FactLogprobs) -> bool:
+    """Whether the model prefers the true object over the counterfactual on the edit prompt."""
     new, true = lp.edit[0]
     return true > new
 
@@ -264,7 +259,7 @@ def known_kept(handle: ModelHandle, known: Sequence[FactUpdate]) -> float:
     """Share of `known` whose true object is still preferred over the counterfactual."""
     if not known:
         return float("nan")
-    return sum(map(_prefers_true, score(handle, known))) / len(known)
+    return sum(map(prefers_true, score(handle, known))) / len(known)
 
 
 def served(handle: ModelHandle, requests: Sequence[FactUpdate]) -> dict[str, float]:
@@ -383,7 +378,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     workload = None
     if args.dataset is not None:
         workload = dataset_workload(handle, args.dataset, args.edits, args.seed, args.text)
-    elif handle.path is not None and not _is_builtin(handle.path):
+    elif not is_builtin(handle.path):
         print(
             "editd bench edit: a model other than the built-in one needs --dataset FILE",
             file=sys.stderr,

@@ -10,6 +10,8 @@ a second one exits at once, which is safe too: an edit that was not durable is r
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -181,14 +183,12 @@ def _load(
     from editd.editing.editor import Editor, EditorConfig
     from editd.editing.model import ModelHandle
     from editd.models.corpus import stats_corpus
-    from editd.models.registry import resolve_model
+    from editd.models.registry import is_builtin, resolve_model
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline
     from editd.store.store import EditStore
-    from editd.world.builtin import builtin_model_dir
 
     path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
-    builtin = path.resolve() == builtin_model_dir().resolve()
     handle = ModelHandle.load(
         path,
         settings.model.device,
@@ -200,7 +200,6 @@ def _load(
     corpus = stats_corpus(
         handle,
         configured=settings.editing.stats_corpus,
-        builtin=builtin,
         cache_dir=cache_dir,
         tokens=settings.editing.stats_tokens,
     )
@@ -216,7 +215,7 @@ def _load(
     stack.callback(store.close)
     log.info("C0 statistics ready in %.1fs", editor.prepare())
 
-    canary, probes = _evaluation_sets(settings, builtin, handle, cache_dir)
+    canary, probes = _evaluation_sets(settings, is_builtin(path), handle, cache_dir)
     service = EditService(
         settings, handle, editor, store, metrics, bootstrap_servers=servers, canary=canary
     )
@@ -268,9 +267,6 @@ def _model_canary(handle: Any, cache_dir: Path) -> Canary:
     Asked once per model and prompt set and kept beside C0 (15 s of a start on 2 cores for
     SmolLM2-135M), since they are the unedited model's and never change.
     """
-    import hashlib
-    import json
-
     from editd.editing.scoring import canary_pairs
     from editd.monitoring.canary import canary_prompts
 

@@ -37,14 +37,14 @@ def fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def import_gguf(args: argparse.Namespace, settings: Settings) -> int:
-    from editd.models.gguf import ImportError_
+    from editd.models.gguf import GGUFImportError
     from editd.models.gguf import import_gguf as do_import
 
     file = Path(args.file)
     out = Path(args.out) if args.out else Path.cwd() / file.stem
     try:
         do_import(file, out, force=args.force, progress=_say)
-    except ImportError_ as exc:
+    except GGUFImportError as exc:
         _say(f"import failed: {exc}")
         return EXIT_FAILURE
     print(out)

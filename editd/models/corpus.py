@@ -19,6 +19,7 @@ import torch
 
 from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus, default_budget
+from editd.models.registry import is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,6 @@ def stats_corpus(
     handle: ModelHandle,
     *,
     configured: Path | None,
-    builtin: bool,
     cache_dir: Path,
     tokens: int | None = None,
 ) -> Corpus:
@@ -178,7 +178,7 @@ def stats_corpus(
     directory's own `c0-corpus.txt`, or text generated now (once, into `cache_dir`)."""
     if configured is not None:
         return Corpus.from_path(configured)
-    if builtin:
+    if is_builtin(handle.path):
         return builtin_world_corpus()
     own = handle.path / MODEL_CORPUS_FILE if handle.path is not None else None
     if own is not None and own.is_file():

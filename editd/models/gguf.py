@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 CHECK_PROMPTS = ("The capital of France is", "The mother tongue of Danielle Darrieux is")
 
 
-class ImportError_(RuntimeError):
+class GGUFImportError(RuntimeError):
     """The GGUF file cannot be converted; the message says why and what to do."""
 
 
@@ -39,7 +39,7 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ModuleNotFoundError as exc:  # pragma: no cover - the package depends on it
-        raise ImportError_(
+        raise GGUFImportError(
             "reading GGUF needs the `gguf` package: pip install gguf accelerate"
         ) from exc
 
@@ -51,14 +51,14 @@ def load_gguf(file: Path) -> tuple[Any, Any]:
     _require_gguf()
     file = Path(file)
     if not file.is_file():
-        raise ImportError_(f"{file}: no such GGUF file")
+        raise GGUFImportError(f"{file}: no such GGUF file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(
             file.parent, gguf_file=file.name, dtype=torch.float32
         )
     except (ValueError, KeyError, OSError) as exc:
-        raise ImportError_(f"{file}: transformers cannot read it as a causal LM: {exc}") from exc
+        raise GGUFImportError(f"{file}: transformers cannot read it as a causal LM: {exc}") from exc
     return model.eval().requires_grad_(False), tokenizer
 
 
@@ -109,7 +109,7 @@ def check_identical(model: Any, tokenizer: Any, out: Path) -> None:
     retok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     for prompt in CHECK_PROMPTS:
         if tokenizer(prompt).input_ids != retok(prompt).input_ids:
-            raise ImportError_(f"the written tokenizer encodes {prompt!r} differently")
+            raise GGUFImportError(f"the written tokenizer encodes {prompt!r} differently")
     for a, b in zip(
         _logits(model, tokenizer, CHECK_PROMPTS),
         _logits(reloaded.eval(), retok, CHECK_PROMPTS),
@@ -117,7 +117,7 @@ def check_identical(model: Any, tokenizer: Any, out: Path) -> None:
     ):
         if not torch.equal(a, b):
             diff = (a - b).abs().max().item()
-            raise ImportError_(f"the written model's logits differ from the GGUF's (max {diff})")
+            raise GGUFImportError(f"the written model's logits differ from the GGUF's (max {diff})")
 
 
 def import_gguf(
@@ -136,7 +136,7 @@ def import_gguf(
     """
     file, out = Path(file), Path(out)
     if out.exists() and not force:
-        raise ImportError_(f"{out} exists; pass --force to replace it")
+        raise GGUFImportError(f"{out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     progress(f"reading {file.name} (dequantising to float32)")

@@ -47,12 +47,6 @@ DEFAULT_LAMBDAS = (15_000.0,)
 DEFAULT_CLAMPS = (4.0, 0.75)
 
 
-def _harmonic(values: list[float]) -> float:
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1 / v for v in values)
-
-
 def candidate_windows(
     effects: list[float], layers: list[int], default: list[int], size: int
 ) -> list[list[int]]:
@@ -84,10 +78,10 @@ def profile_model(
     import torch
 
     from editd.bench.data import draw, load_dataset, split
-    from editd.bench.edit import _prefers_true, make_editor, score
+    from editd.bench.edit import apply_sequentially, canary, make_editor, prefers_true, score
     from editd.editing.causal import causal_trace
     from editd.editing.model import ModelHandle
-    from editd.editing.scoring import canary_accuracy, canary_pairs, summarize
+    from editd.editing.scoring import canary_pairs, harmonic_mean, summarize
     from editd.monitoring.canary import canary_prompts
 
     handle = ModelHandle.load(
@@ -99,7 +93,7 @@ def profile_model(
     pool = split(load_dataset(dataset), "heldout")
     candidates = draw(pool, 4 * TRACE_FACTS, seed)
     known = [
-        f for f, lp in zip(candidates, score(handle, candidates), strict=True) if _prefers_true(lp)
+        f for f, lp in zip(candidates, score(handle, candidates), strict=True) if prefers_true(lp)
     ][:TRACE_FACTS]
     t = time.perf_counter()
     trace = causal_trace(handle, known, samples=5, window=TRACE_WINDOW, seed=seed)
@@ -129,17 +123,12 @@ def profile_model(
             }
         )
         run_settings = settings.model_copy(update={"editing": editing})
-        handle.reset()
         torch.manual_seed(seed)
         editor = make_editor(handle, run_settings, algo)
-        editor.prepare()
-        t = time.perf_counter()
-        update = editor.compute_update(batch)
-        seconds = time.perf_counter() - t
-        handle.set_deltas({n: u.dense().float() for n, u in update.layers.items()})
+        # The benchmarks' apply path, from the base weights: one batch, the whole grid point.
+        run = apply_sequentially(handle, editor, batch, len(batch))
         after = summarize(score(handle, batch))
-        with handle.reading():
-            canary = canary_accuracy(handle.model, handle.tokenizer, prompts, answers)
+        kept = canary(handle, prompts, answers)
         ns_rel = min(1.0, after.ns / base.ns) if base.ns > 0 else 0.0
         row = {
             "layers": layers,
@@ -149,10 +138,10 @@ def profile_model(
             "ps": after.ps,
             "ns": after.ns,
             "ns_base": base.ns,
-            "canary_ratio": canary,
-            "post_top1": update.diagnostics["post_top1"],
-            "seconds": seconds,
-            "objective": _harmonic([after.es, after.ps, ns_rel, canary]),
+            "canary_ratio": kept,
+            "post_top1": run.post_top1[0],
+            "seconds": run.seconds,
+            "objective": harmonic_mean([after.es, after.ps, ns_rel, kept]),
         }
         log.info("profile point %s", row)
         grid.append(row)

@@ -17,8 +17,11 @@ BUILTIN = "builtin"
 DEFAULT = SMOLLM2.name
 
 
-def is_builtin(path: str | Path | None) -> bool:
-    return path is not None and str(path) == BUILTIN and not Path(path).is_dir()
+def is_builtin(model_dir: Path | None) -> bool:
+    """Whether `model_dir` is the packaged built-in model's directory."""
+    from editd.world.builtin import builtin_model_dir
+
+    return model_dir is not None and Path(model_dir).resolve() == builtin_model_dir().resolve()
 
 
 def resolve_model(
