@@ -11,11 +11,12 @@ from editing_support import CORPUS, tiny_llama_dir
 from safetensors import safe_open
 
 from editd.editing.editor import Editor, EditorConfig
-from editd.editing.model import ModelHandle, tensor_sha256
+from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus, layer_second_moments
 from editd.editing.targets import TargetConfig
 from editd.editing.trace import TraceDict
 from editd.facts import FactUpdate
+from editd.lowrank import tensor_sha256
 
 FACTS = [
     FactUpdate(

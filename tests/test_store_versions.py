@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from editd.editing.types import EditUpdate, LayerUpdate
+from editd.lowrank import EditUpdate, LayerUpdate, lowrank_product, served_weight, tensor_sha256
 from editd.store.store import (
     EditStore,
     StoreError,
@@ -17,7 +17,6 @@ from editd.store.store import (
     StoreMismatch,
     rejected_messages,
 )
-from editd.store.weights import lowrank_product, served_weight, tensor_sha256
 
 EDITED = [1, 2]
 RANK = 3

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
+from editd import durable
 from editd.config import TOKEN_FILE, Settings, admin_token
 from editd.consumers.broker import BrokerError, EmbeddedBroker, default_topics, ensure_topics
 from editd.consumers.consumer import BatchFailed, FactConsumer
@@ -279,10 +280,7 @@ def _model_canary(handle: Any, cache_dir: Path) -> Canary:
     else:
         with handle.reading():
             prompts, answers = canary_pairs(handle.model, handle.tokenizer, asked)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": prompts, "answers": answers}))
-        tmp.replace(path)
+        durable.write_bytes(path, json.dumps({"prompts": prompts, "answers": answers}).encode())
     log.info("canary: %d prompts the base model answers itself", len(prompts))
     return Canary(tuple(prompts), tuple(answers))
 

@@ -39,8 +39,8 @@ from editd.editing.solvers import SOLVERS, Preservation, layer_share, solve_emme
 from editd.editing.stats import Corpus, SecondMomentCache
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
-from editd.editing.types import EditUpdate, LayerUpdate
 from editd.facts import FactUpdate
+from editd.lowrank import EditUpdate, LayerUpdate
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 from editd.editing.model import ModelHandle
 from editd.editing.subject import Rendered, TokenBatch, leading_special_ids, render, tokenize
 from editd.editing.trace import EditFn, TraceDict
-from editd.editing.types import LayerUpdate
 from editd.facts import FactUpdate
+from editd.lowrank import LayerUpdate
 
 # Short, neutral openings: they vary the left context the subject is read in without steering
 # the prediction. "" keeps the bare prompt, the one users send.

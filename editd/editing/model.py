@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editd.store.weights import served_weight
+from editd.lowrank import served_weight, tensor_sha256
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,6 @@ def model_identity(path: Path) -> str:
             fh.seek(max(0, size - (1 << 20)))
             h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes, as they are in memory on the CPU (dtype-exact)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @dataclass

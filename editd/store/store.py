@@ -33,14 +33,12 @@ Nothing is ever unpickled: tensors are safetensors, metadata is JSON.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import math
 import os
 import re
-import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,8 +50,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from editd.editing.types import EditUpdate
-from editd.store.weights import accumulate, served_weight, tensor_sha256
+from editd import durable
+from editd.lowrank import EditUpdate, accumulate, served_weight, tensor_sha256
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +246,7 @@ class EditStore:
                 "scores": None,
             }
             self._write_version_dir(0, manifest, update=None)
-            _write_bytes(self.root / "CURRENT", b"0\n")
+            durable.write_bytes(self.root / "CURRENT", b"0\n")
             self._opened = True
             self._base, self._base_meta = tensors, meta
             self._current, self._max_version = 0, 0
@@ -508,7 +506,7 @@ class EditStore:
             }
             self._write_version_dir(version, manifest, update=tensors)
             self._max_version = version
-            _write_bytes(self.root / "CURRENT", f"{version}\n".encode())
+            durable.write_bytes(self.root / "CURRENT", f"{version}\n".encode())
             self._current = version
             self._manifests[version] = manifest
             self._delta_cache = (version, new)
@@ -546,7 +544,7 @@ class EditStore:
                 m["rejected_pending"] = bool(m["facts"])
                 self._write_manifest(v, m)
                 self._manifests[v] = m
-            _write_bytes(self.root / "CURRENT", f"{to_version}\n".encode())
+            durable.write_bytes(self.root / "CURRENT", f"{to_version}\n".encode())
             log.warning("rolled back from version %d to %d: %s", self._current, to_version, reason)
             self._current = to_version
             self._delta_cache = None
@@ -652,7 +650,7 @@ class EditStore:
             for path in [*parent.iterdir(), *(f for d in subdirs for f in d.iterdir())]:
                 if path.name.startswith(".tmp-"):
                     log.warning("removing %s left by an interrupted write", path)
-                    _remove(path)
+                    durable.remove(path)
 
     def _load_manifests(self) -> None:
         try:
@@ -703,9 +701,9 @@ class EditStore:
         if self.readonly:
             return
         log.warning("removing version %d: %s", version, why)
-        _remove(self._version_dir(version))
-        _remove(self._snapshot_file(version))
-        _fsync_dir(self._versions_dir)
+        durable.remove(self._version_dir(version))
+        durable.remove(self._snapshot_file(version))
+        durable.fsync_dir(self._versions_dir)
 
     def _check_update(
         self, update: EditUpdate
@@ -748,18 +746,18 @@ class EditStore:
         if final.exists():
             raise StoreCorrupt(f"{final} exists but is not a known version")
         tmp = self._versions_dir / f".tmp-{version:06d}-{os.getpid()}"
-        _remove(tmp)
+        durable.remove(tmp)
         tmp.mkdir()
         if update is not None:
             save_file(update, tmp / _UPDATE_FILE, metadata={"format": str(FORMAT)})
-            _fsync_file(tmp / _UPDATE_FILE)
-        _write_plain(tmp / _MANIFEST_FILE, _dump(manifest))
-        _fsync_dir(tmp)
+            durable.fsync_file(tmp / _UPDATE_FILE)
+        durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest))
+        durable.fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(self._versions_dir)
+        durable.fsync_dir(self._versions_dir)
 
     def _write_manifest(self, version: int, manifest: dict[str, Any]) -> None:
-        _write_bytes(self._version_dir(version) / _MANIFEST_FILE, _dump(manifest))
+        durable.write_bytes(self._version_dir(version) / _MANIFEST_FILE, _dump(manifest))
 
     def _read_update(
         self, version: int, parts: Sequence[str]
@@ -810,58 +808,8 @@ class EditStore:
             return None
 
 
-# ---------------------------------------------------------------------- durable files
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_plain(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably: temp, fsync, rename, fsync dir."""
-    tmp = _tmp_name(path)
-    _write_plain(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    tmp = _tmp_name(path)
-    save_file(tensors, tmp, metadata=meta)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    durable.write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 # ---------------------------------------------------------------------- values

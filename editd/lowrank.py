@@ -1,4 +1,8 @@
-"""The served-weight formula and the tensor fingerprints, in one place.
+"""What an edit is and what it serves: the update type, the served-weight formula, fingerprints.
+
+A leaf module: the editor produces `EditUpdate`s, the edit store journals them, the model handle
+serves them, and none of the three imports another for it. Tensors in an update are float32 on
+the CPU or the compute device; the store moves them to the CPU before writing.
 
 The edit store computes what every version serves and records its sha256; the model handle
 writes the same weights into the model. Both must produce the same bits, on any device and any
@@ -18,6 +22,7 @@ thread count, so the arithmetic lives here as pure functions that both import:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,3 +81,27 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 hex digest of a tensor's raw bytes (contiguous, on the CPU, in its own dtype)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """The update of one edited weight, kept low-rank: Δ = left @ right.
+
+    left: (d_out, r), right: (r, d_in), r ≤ batch size. keys: (d_in, b), the batch's keys at
+    this layer, which sequential editing adds to the preservation matrix of later batches.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    keys: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right  # (d_out, d_in)
+
+
+@dataclass(frozen=True)
+class EditUpdate:
+    """The result of `compute_update` for one batch: one LayerUpdate per edited module name."""
+
+    layers: dict[str, LayerUpdate]
+    diagnostics: dict[str, object] = field(default_factory=dict)
