@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from editing_support import tiny_llama_dir
+from test_monitoring_evaluator import wait_for
 
-from editd.editing.model import ModelHandle, ReadWriteLock, default_layers, tensor_sha256
+from editd.editing.model import ModelHandle, ReadWriteLock, default_layers
+from editd.lowrank import tensor_sha256
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +100,11 @@ def test_writer_waits_for_readers_and_blocks_new_ones() -> None:
     reader_in.wait(10)
     tw = threading.Thread(target=writer)
     tw.start()
-    time.sleep(0.1)  # the writer is now waiting
+    wait_for(lambda: lock._writers_waiting == 1)
     t2 = threading.Thread(target=late_reader)
     t2.start()
-    time.sleep(0.1)
+    # Both blocked inside the lock's condition (CPython's Condition keeps its waiters there).
+    wait_for(lambda: len(lock._cond._waiters) == 2)
     assert events == ["r1 in"]  # neither the writer nor the late reader got in
     release_reader.set()
     for t in (t1, tw, t2):

@@ -9,7 +9,7 @@ import torch
 from editing_support import llama3_tokenizer, small_tokenizer, tiny_llama_dir
 
 from editd.editing.model import ModelHandle
-from editd.editing.subject import render, tokenize
+from editd.editing.subject import pad_rows, render, tokenize
 from editd.editing.trace import Trace
 
 CASES = [
@@ -126,3 +126,31 @@ def test_prompt_last_site_is_the_token_before_the_answer(padding_side: str) -> N
     assert (bare.subject_index == bare.last_index).all()
     with pytest.raises(ValueError, match="edit site"):
         render("{} is", "x", site="object")
+
+
+def test_render_keeps_braces_in_template_subject_and_answer() -> None:
+    r = render("{x} and {} {{y}} are", "A{0}B", prefix="{p} ", answer="{z}")
+    assert r.text == "{p} {x} and A{0}B {{y}} are {z}"
+    assert r.text[r.subject_span[0] : r.subject_span[1]] == "A{0}B"
+    assert r.text[r.answer_start :] == " {z}"
+    # Only the first placeholder is the subject's; a template must have one.
+    assert render("{} and {}", "S").text == "S and {}"
+    with pytest.raises(ValueError, match="placeholder"):
+        render("no placeholder {x}", "S")
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_pad_rows_counts_positions_per_row(left: bool) -> None:
+    batch = pad_rows([[5, 6, 7], [8]], pad_id=0, left=left)
+    if left:
+        assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+        assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+        assert batch.shifts == [0, 2]
+    else:
+        assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+        assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+        assert batch.shifts == [0, 0]
+    with pytest.raises(ValueError, match="no rows"):
+        pad_rows([], pad_id=0, left=left)

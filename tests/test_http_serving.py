@@ -24,6 +24,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import SecretStr
+from test_monitoring_evaluator import wait_for
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -195,6 +196,22 @@ def _build(style: str = "metaspace") -> Daemon:
     gen = torch.Generator().manual_seed(1)
     weights_b = {n: torch.randn(w.shape, generator=gen) * 0.2 for n, w in weights_a.items()}
     return Daemon(handle, [weights_a, weights_b])
+
+
+def _readers_waiting(daemon: Daemon) -> int:
+    """Threads blocked on the model's lock (CPython's Condition keeps its waiters there)."""
+    return len(daemon.handle._lock._cond._waiters)
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.TransportError:
+        # Accepted just before the listener closed, then dropped: not refused yet, ask again.
+        return False
+    return False
 
 
 def _greedy(daemon: Daemon, prompt: str = PROMPT, max_tokens: int = 8) -> str:
@@ -554,16 +571,12 @@ def test_server_binds_before_serving_and_stops(daemon: Daemon, serve: ServeSetti
     with pytest.raises(OSError, match="cannot listen"):
         HttpServer.bind("127.0.0.1", server.port)
     # Bound but not started: the connection waits in the backlog and is answered once serving.
-    answer: dict[str, Any] = {}
-    early = threading.Thread(
-        target=lambda: answer.update(r=httpx.get(f"{server.url}/livez", timeout=10))
-    )
-    early.start()
-    time.sleep(0.2)
-    with server:
+    # connect() returns once the kernel has queued it, so it is in the backlog before start.
+    with socket.create_connection((server.host, server.port), timeout=10) as early, server:
+        early.sendall(b"GET /livez HTTP/1.1\r\nHost: editd\r\nConnection: close\r\n\r\n")
         server.start(create_app(daemon, serve))
-        early.join(10)
-        assert answer["r"].status_code == 200
+        reply = b"".join(iter(lambda: early.recv(65536), b""))
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:100]
         assert httpx.get(f"{server.url}/readyz").json()["ready"] is True
     assert not server.running
     with pytest.raises(httpx.ConnectError):
@@ -613,7 +626,7 @@ def test_health_answers_while_an_edit_holds_the_model(daemon: Daemon, serve: Ser
                 )
             )
             first.start()
-            time.sleep(0.3)  # the request is now queued behind the writer
+            wait_for(lambda: _readers_waiting(daemon) == 1)  # queued behind the writer
             for path in ("/livez", "/readyz", "/metrics", "/v1/models"):
                 started = time.perf_counter()
                 assert httpx.get(server.url + path, timeout=5).status_code == 200
@@ -645,12 +658,11 @@ def test_stop_lets_the_in_flight_request_finish(daemon: Daemon, serve: ServeSett
             )
         )
         request.start()
-        time.sleep(0.3)
+        wait_for(lambda: _readers_waiting(daemon) == 1)
         stopper = threading.Thread(target=server.stop)
         stopper.start()
-        time.sleep(0.3)
-        with pytest.raises(httpx.ConnectError):  # no new connections once stopping
-            httpx.get(f"{server.url}/livez", timeout=2)
+        wait_for(lambda: _refused(f"{server.url}/livez"))  # no new connections once stopping
+        assert request.is_alive()
     request.join(30)
     stopper.join(30)
     assert answer["r"].status_code == 200

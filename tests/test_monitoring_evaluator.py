@@ -51,19 +51,24 @@ POLICY = Policy(
 class Model:
     """A served model's version pointer with per-version scores, and the rollback it allows."""
 
-    def __init__(self, scores: dict[int, S], delay: float = 0.0) -> None:
+    def __init__(self, scores: dict[int, S]) -> None:
         self.version = 0
         self.scores = scores
-        self.delay = delay
         self.calls: list[tuple[int, int, int]] = []  # (version, sample size, probe size)
         self.rollbacks: list[tuple[int, str]] = []
         self.lock = threading.Lock()
         self.fail = False
+        self.started: list[int] = []  # versions whose scoring has begun, in order
+        # Cleared by a test to hold a scoring run after it has read the version.
+        self.proceed = threading.Event()
+        self.proceed.set()
 
     def score(self, sample: Sequence[Fact], probe: Sequence[Fact]) -> Measurement:
         with self.lock:
             version = self.version
-        time.sleep(self.delay)
+        self.started.append(version)
+        if not self.proceed.wait(10):
+            raise RuntimeError("the test never let the scorer proceed")
         if self.fail:
             raise RuntimeError("scorer crashed")
         self.calls.append((version, len(sample), len(probe)))
@@ -273,19 +278,21 @@ def test_scorer_errors_are_counted_and_raised() -> None:
 
 
 def test_a_measurement_overtaken_by_a_rollback_is_discarded() -> None:
-    model = Model({0: GOOD, 1: GOOD, 2: BAD}, delay=0.3)
+    model = Model({0: GOOD, 1: GOOD, 2: BAD})
     ev, metrics = make(model)
     model.version = 2
     ev.record_version(1, facts("a", 2), evaluate=False)
     ev.record_version(2, facts("b", 2), evaluate=False)
     result: list = []
+    model.proceed.clear()
     t = threading.Thread(target=lambda: result.append(ev.evaluate()))
     t.start()
-    time.sleep(0.1)
+    wait_for(lambda: model.started == [2])
     # An operator rolls back while version 2 is being scored.
     model.rollback(1, "operator")
     ev.rolled_back(1)
-    t.join()
+    model.proceed.set()
+    t.join(10)
     assert result[0].version == 2 and not result[0].passed
     assert ev.history == []  # not recorded, not acted upon
     assert model.rollbacks == [(1, "operator")]
@@ -315,11 +322,13 @@ def test_from_settings() -> None:
 def test_scheduler_runs_at_start_then_every_interval() -> None:
     model = Model({0: GOOD})
     ev, metrics = make(model, interval_seconds=0.2)
+    before = set(threading.enumerate())
     with ev:
         wait_for(lambda: len(model.calls) >= 3, timeout=5)
     n = len(model.calls)
-    time.sleep(0.4)
-    assert len(model.calls) == n  # stopped
+    # Stopped: the scheduler's threads were joined, so nothing is left to call the scorer.
+    assert set(threading.enumerate()) - before == set()
+    assert len(model.calls) == n
     assert metrics.registry.get_sample_value("editd_evaluations_total", {"outcome": "passed"}) == n
 
 
@@ -343,15 +352,17 @@ def test_after_each_version_triggers_an_evaluation_and_rolls_back_by_itself() ->
 
 
 def test_triggers_during_a_running_evaluation_are_not_lost() -> None:
-    model = Model({0: GOOD, 1: GOOD, 2: GOOD}, delay=0.2)
+    model = Model({0: GOOD, 1: GOOD, 2: GOOD})
     ev, _ = make(model, after_each_version=True)
     with ev:
         wait_for(lambda: len(model.calls) == 1)
+        model.proceed.clear()
         model.version = 1
         ev.record_version(1, facts("a", 1))
-        time.sleep(0.05)  # the triggered run is now scoring version 1
+        wait_for(lambda: model.started[-1] == 1)  # the triggered run is scoring version 1
         model.version = 2
         ev.record_version(2, facts("b", 1))  # arrives mid-run
+        model.proceed.set()
         wait_for(lambda: model.calls[-1][0] == 2, timeout=5)
     versions = [v for v, _, _ in model.calls]
     assert versions[:2] == [0, 1] and versions[-1] == 2

@@ -15,6 +15,7 @@ from editd.editing.scoring import (
     continuation_logprobs,
     fact_logprobs,
     harmonic_mean,
+    prompt_text,
     score_facts,
     summarize,
 )
@@ -187,3 +188,24 @@ def test_neighbourhood_prompts_are_scored_against_their_own_true_object(trained)
     assert scored_targeted.edit == scored_plain.edit
     s = score_facts(model, tokenizer, [targeted])
     assert s.ns == 1.0 and s.ns_magnitude > 0.5
+
+
+def test_prompt_text_renders_templates_and_keeps_full_texts() -> None:
+    assert prompt_text("The home town of {} is", "Alma Berg") == "The home town of Alma Berg is"
+    # Braces besides the placeholder, and in the subject, are text, not format fields.
+    assert prompt_text("{x} said {} {{is}}", "A{0}B") == "{x} said A{0}B {{is}}"
+    assert prompt_text("Alma Berg lives in", "Alma Berg") == "Alma Berg lives in"
+
+
+def test_paraphrase_templates_with_braces_are_scored_as_their_text(trained):
+    model, tokenizer = trained
+    base = {
+        "subject": "Alma Berg",
+        "prompt": TEMPLATES[0],
+        "target_new": "Lima",
+        "target_true": "Oslo",
+    }
+    template = FactUpdate(**base, paraphrase_prompts=("{note} The home town of {} is",))
+    text = FactUpdate(**base, paraphrase_prompts=("{note} The home town of Alma Berg is",))
+    [a, b] = fact_logprobs(model, tokenizer, [template, text])
+    assert a.paraphrase == b.paraphrase

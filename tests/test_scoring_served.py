@@ -13,7 +13,7 @@ from editd.editing.model import ModelHandle
 from editd.editing.scoring import (
     encode_pair,
     greedy_continuations,
-    render,
+    prompt_text,
     served_accuracy,
 )
 from editd.editing.subject import leading_special_ids, pad_token_id
@@ -59,7 +59,7 @@ def naive_greedy(model, ids: list[int], n: int) -> list[int]:
 def mixed_prompts(facts: list[FactUpdate]) -> list[str]:
     prompts = []
     for f in facts[:4]:
-        prompts += [f.rendered_prompt, render(f.paraphrase_prompts[0], f.subject)]
+        prompts += [f.rendered_prompt, prompt_text(f.paraphrase_prompts[0], f.subject)]
         prompts += list(f.neighborhood_prompts[:2])
     return prompts
 

@@ -106,10 +106,14 @@ class ConsumerStats:
     folded: int = 0
     """Facts replaced by a later duplicate before being applied."""
     batches: int = 0
+    """Batches `apply_batch` returned for."""
     revoked_dropped: int = 0
     """Pending facts dropped because their partition moved to another member."""
     commits: int = 0
+    """Offset commits the group accepted."""
     broker_errors: int = 0
+    """Kafka failures the loop retried: connect, poll, commit (not a rebalance's rejection),
+    dead-letter send or acknowledgement, and each rebuild after losing the coordinator."""
     last_commit_monotonic: float | None = None
     lag_by_partition: dict[Partition, int] = field(default_factory=dict)
 

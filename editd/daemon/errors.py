@@ -1,7 +1,7 @@
 """Error types the daemon's handlers raise and the HTTP layer turns into responses.
 
 Two families, because they call for opposite reactions. A `RecoverableError` is about one
-request or one batch (a prompt over the limit, an unknown version, an edit the policy rejected):
+request or one batch (a prompt over the limit, an unknown version, a restore already running):
 answer it with a 4xx/503 and keep serving. A `FatalError` means the served model can no longer be
 trusted (weights that do not match their manifest, NaNs after an apply): the daemon must stop
 serving rather than answer from a corrupted model.
@@ -61,14 +61,6 @@ class Conflict(RecoverableError):
     status_code = 409
     error_type = "conflict_error"
     code = "conflict"
-
-
-class EditRejected(RecoverableError):
-    """A batch or rollback was refused by policy; the model stays at its current version."""
-
-    status_code = 422
-    error_type = "edit_rejected"
-    code = "edit_rejected"
 
 
 class Unavailable(RecoverableError):

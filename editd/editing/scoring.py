@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editd.editing.subject import leading_special_ids
+from editd.editing.subject import leading_special_ids, pad_rows, pad_token_id, render
 from editd.facts import FactUpdate
 
 DEFAULT_BATCH_SIZE = 64
@@ -39,9 +39,11 @@ def join(prompt: str, obj: str) -> str:
     return f"{prompt} {obj}"
 
 
-def render(prompt: str, subject: str) -> str:
-    """A prompt may be a template with `{}` for the subject, or already rendered."""
-    return prompt.format(subject) if "{}" in prompt else prompt
+def prompt_text(prompt: str, subject: str) -> str:
+    """A paraphrase prompt as text: a template with `{}` is rendered with `subject.render`,
+    whose brace rules hold (other braces kept, the subject inserted verbatim); a full text,
+    as CounterFact's paraphrases are, is kept as it is."""
+    return render(prompt, subject).text if "{}" in prompt else prompt
 
 
 def encode_pair(
@@ -135,21 +137,12 @@ def _score_batch(
             raise ValueError("every sequence needs a non-empty prefix and target")
     # The last target token is only predicted, never fed.
     seqs = [list(p) + list(t[:-1]) for p, t in zip(prefixes, targets, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    offsets = []
-    for row, seq in enumerate(seqs):
-        off = width - len(seq) if padding_side == "left" else 0
-        ids[row, off : off + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, off : off + len(seq)] = 1
-        offsets.append(off)
-    # Positions count real tokens only, so RoPE sees the same positions whichever side is padded.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = pad_rows(seqs, pad_id, left=padding_side == "left")
+    offsets = batch.shifts
     logits = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
         use_cache=False,
     ).logits  # (batch, width, vocab)
     # Token t[j] is predicted at the position of the token before it; all predictions of the
@@ -191,18 +184,10 @@ def _score_pairs(
         model,
         [e[0] for e in encoded],
         [e[1] for e in encoded],
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_token_id(tokenizer),
         padding_side=getattr(tokenizer, "padding_side", "right") or "right",
         batch_size=batch_size,
     )
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    # Any id works: padded positions are masked out and never read.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def continuation_logprobs(
@@ -267,7 +252,7 @@ def heldout_perplexity(
         model,
         prefixes,
         targets,
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_token_id(tokenizer),
         padding_side=getattr(tokenizer, "padding_side", "right") or "right",
         batch_size=batch_size,
     )
@@ -382,7 +367,7 @@ def fact_logprobs(
             ("edit", [fact.rendered_prompt], fact.target_true),
             (
                 "paraphrase",
-                [render(p, fact.subject) for p in fact.paraphrase_prompts],
+                [prompt_text(p, fact.subject) for p in fact.paraphrase_prompts],
                 fact.target_true,
             ),
             # Neighbourhood prompts are about other subjects, so they come rendered.
@@ -492,15 +477,10 @@ def _greedy_batch(
     cache_arg: str,
     keep: dict[str, int],
 ) -> list[list[int]]:
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for row, p in enumerate(prefixes):
-        # Left padding: every row's last real token sits in the last column.
-        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Left padding: every row's last real token sits in the last column.
+    batch = pad_rows(prefixes, pad_id, left=True)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    positions = batch.position_ids.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
     tokens = [out.logits[:, -1].argmax(-1)]  # (batch,) per step
     for _ in range(steps - 1):
@@ -571,7 +551,7 @@ def served_accuracy(
         true_neighbour = fact.neighborhood_target or fact.target_true
         groups = (
             ("edit", [fact.rendered_prompt]),
-            ("paraphrase", [render(p, fact.subject) for p in fact.paraphrase_prompts]),
+            ("paraphrase", [prompt_text(p, fact.subject) for p in fact.paraphrase_prompts]),
             ("neighborhood", list(fact.neighborhood_prompts)),
         )
         for kind, kind_prompts in groups:
@@ -587,7 +567,7 @@ def served_accuracy(
     else:
         lengths = [max(len(new), len(true or ())) for _, _, new, true in items]
     generated = greedy_continuations(
-        model, prompt_ids, lengths, pad_id=_pad_id(tokenizer), batch_size=batch_size
+        model, prompt_ids, lengths, pad_id=pad_token_id(tokenizer), batch_size=batch_size
     )
 
     def starts_with(tokens: list[int], obj: list[int]) -> bool:
@@ -645,7 +625,7 @@ def own_answers(
         model,
         prefixes,
         [CANARY_ANSWER_TOKENS] * len(prompts),
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_token_id(tokenizer),
         batch_size=batch_size,
     )
     answers: list[str | None] = []

@@ -120,6 +120,40 @@ def subject_token_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int
     return best
 
 
+@dataclass(frozen=True)
+class Padded:
+    """Token-id rows in one batch; `shifts[i]` is the column of row i's first token."""
+
+    input_ids: torch.Tensor  # (n, T)
+    attention_mask: torch.Tensor  # (n, T)
+    position_ids: torch.Tensor  # (n, T)
+    shifts: list[int]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> Padded:
+    """Rows padded with `pad_id` to the longest one, on the left or on the right.
+
+    `position_ids` count each row's own tokens from 0 (padding gets 0), so RoPE sees the
+    positions a row would see alone whichever side is padded.
+    """
+    if not rows:
+        raise ValueError("no rows to pad")
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    shifts: list[int] = []
+    for i, row in enumerate(rows):
+        shift = width - len(row) if left else 0
+        sl = slice(shift, shift + len(row))
+        input_ids[i, sl] = torch.tensor(list(row), dtype=torch.long)
+        attention[i, sl] = 1
+        positions[i, sl] = torch.arange(len(row))
+        shifts.append(shift)
+    return Padded(input_ids, attention, positions, shifts)
+
+
 def tokenize(
     tokenizer: Any, items: Sequence[Rendered], *, max_length: int | None = None
 ) -> TokenBatch:
@@ -134,22 +168,14 @@ def tokenize(
         max_length=max_length,
     )
     rows = enc["input_ids"]
-    width = max(len(r) for r in rows)
-    n = len(items)
-    pad_id = pad_token_id(tokenizer)
     left = getattr(tokenizer, "padding_side", "right") == "left"
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    positions = torch.zeros((n, width), dtype=torch.long)
+    padded = pad_rows(rows, pad_token_id(tokenizer), left=left)
+    n, width = padded.input_ids.shape
     answer = torch.zeros((n, width), dtype=torch.bool)
     subject = torch.empty(n, dtype=torch.long)
     last = torch.empty(n, dtype=torch.long)
     for i, (ids, offsets, item) in enumerate(zip(rows, enc["offset_mapping"], items, strict=True)):
-        shift = width - len(ids) if left else 0
-        sl = slice(shift, shift + len(ids))
-        input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
-        attention[i, sl] = 1
-        positions[i, sl] = torch.arange(len(ids))
+        shift = padded.shifts[i]
         subject[i] = shift + subject_token_index(offsets, item.subject_span)
         last[i] = shift + len(ids) - 1
         if item.answer_start is not None:
@@ -160,8 +186,10 @@ def tokenize(
                 raise ValueError(f"answer of {item.text!r} was truncated away")
             if flags[0] or subject[i] - shift >= flags.index(True):
                 raise ValueError(f"answer of {item.text!r} merged into the prompt's tokens")
-            answer[i, sl] = torch.tensor(flags)
-    return TokenBatch(input_ids, attention, positions, subject, last, answer)
+            answer[i, shift : shift + len(ids)] = torch.tensor(flags)
+    return TokenBatch(
+        padded.input_ids, padded.attention_mask, padded.position_ids, subject, last, answer
+    )
 
 
 def leading_special_ids(tokenizer: Any) -> list[int]:
@@ -176,6 +204,7 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
 
 
 def pad_token_id(tokenizer: Any) -> int:
+    # Any id works: padded positions are masked out and never read.
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
         if candidate is not None:
             return int(candidate)

@@ -12,9 +12,6 @@ The dashboard (`deploy/grafana/dashboards/editd.json`) and the alert rules
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from time import perf_counter
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -92,6 +89,20 @@ class Metrics:
         self.facts_rejected = Counter(
             "facts_rejected",
             "Facts of rolled-back versions published to the rejected topic.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.facts_folded = Counter(
+            "facts_folded",
+            "Facts replaced by a later duplicate (same id, or same subject and prompt) before "
+            "being applied.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.broker_errors = Counter(
+            "broker_errors",
+            "Failed Kafka operations the consumer retried: connects, polls, commits, "
+            "dead-letter sends, client rebuilds.",
             namespace=NAMESPACE,
             registry=r,
         )
@@ -244,17 +255,6 @@ class Metrics:
         # "rollback happened" alert needs every reason present at 0 from the start.
         for reason in ROLLBACK_REASONS:
             self.rollbacks.labels(reason=reason)
-
-    @contextmanager
-    def time_stage(self, stage: str) -> Iterator[None]:
-        """Observe the wall time of one edit stage (`stage` is one of STAGES)."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown edit stage {stage!r}; expected one of {STAGES}")
-        start = perf_counter()
-        try:
-            yield
-        finally:
-            self.edit_stage_seconds.labels(stage=stage).observe(perf_counter() - start)
 
     def observe_request(self, route: str, status_code: int, seconds: float) -> None:
         """`route` is the route template (`/v1/completions`), never the raw URL."""
