@@ -210,6 +210,19 @@ def test_c0_is_the_second_moment_of_layer_inputs_and_is_cached(
         assert torch.equal(editor.preservation[m].dense(), again.preservation[m].dense())
 
 
+def test_c0_describes_the_base_model_while_an_edited_version_is_served(model_dir: Path) -> None:
+    # A restarted daemon serves version N before C0 exists; C0 must still be the base's.
+    handle = ModelHandle.load(model_dir, device="cpu")
+    first, second = handle.module_name(1), handle.module_name(2)
+    texts = CORPUS[:6]
+    base, _ = layer_second_moments(handle, [first, second], texts, tokens=10**6, progress=False)
+    torch.manual_seed(0)
+    handle.set_deltas({first: torch.randn(handle.weight(first).shape)})
+    served, _ = layer_second_moments(handle, [first, second], texts, tokens=10**6, progress=False)
+    for name in (first, second):
+        assert torch.allclose(served[name], base[name], rtol=1e-6, atol=1e-10), name
+
+
 def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path: Path) -> None:
     import json
     import shutil

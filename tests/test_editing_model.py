@@ -136,3 +136,29 @@ def test_requests_see_all_of_a_swap_or_none(model_dir: Path) -> None:
     for t in threads:
         t.join(10)
     assert not mixed
+
+
+def test_base_view_shows_this_thread_the_base_model_while_edits_are_served(
+    model_dir: Path,
+) -> None:
+    import threading
+
+    h = ModelHandle.load(model_dir, device="cpu")
+    name = h.module_name(h.default_layers()[0])
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        base_logits = h.model(input_ids=ids).logits
+        h.set_deltas({name: torch.randn(h.weight(name).shape) * 0.5})
+        edited = h.model(input_ids=ids).logits
+        assert not torch.allclose(edited, base_logits)
+        seen_elsewhere: list[torch.Tensor] = []
+        with h.reading(), h.base_view():
+            viewed = h.model(input_ids=ids).logits
+            other = threading.Thread(
+                target=lambda: seen_elsewhere.append(h.model(input_ids=ids).logits)
+            )
+            other.start()
+            other.join()
+    torch.testing.assert_close(viewed, base_logits, rtol=1e-5, atol=1e-5)
+    # Another thread (a request being served) still sees the edited weights.
+    torch.testing.assert_close(seen_elsewhere[0], edited)

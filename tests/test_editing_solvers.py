@@ -208,3 +208,10 @@ def test_equal_layers_split_the_residual_evenly() -> None:
     keys, resid = _batch(41, 4)
     share = layer_share(resid, [keys, keys, keys], [pres, pres, pres])
     assert _rel(share, resid / 3) <= 1e-10
+
+
+def test_every_configurable_algorithm_has_a_solver() -> None:
+    from editd.config import ALGOS
+    from editd.editing.solvers import SOLVERS
+
+    assert tuple(SOLVERS) == ALGOS

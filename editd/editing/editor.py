@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from editd import config
 from editd.editing.keys import (
     DEFAULT_PREFIXES,
     prompt_set,
@@ -45,7 +47,7 @@ from editd.lowrank import EditUpdate, LayerUpdate
 log = logging.getLogger(__name__)
 
 
-SPLITS = ("joint", "even")
+SPLITS = config.SPLITS
 
 
 @dataclass(frozen=True)
@@ -176,19 +178,32 @@ class Editor:
         if self.config.algo == "emmet":
             self._solve = functools.partial(solve_emmet, eps=self.config.emmet_eps)
         self.preservation: dict[str, Preservation] = {}
+        # Keys of the live versions, kept until C0 exists to build preservation on.
+        self._pending_keys: list[Mapping[str, torch.Tensor]] | None = None
+        self._prepare_lock = threading.Lock()
+
+    @property
+    def prepared(self) -> bool:
+        return bool(self.preservation)
 
     def prepare(self) -> float:
         """Load or compute C0 and factor the preservation matrices; returns seconds spent.
 
-        Call it on the unedited model (before restoring versions): C0 describes the base
-        model's keys. Later calls return at once.
+        Safe while the model serves edited weights and answers requests: C0 describes the
+        base model's keys, so the edited modules' outputs are recomputed from their base
+        weights inside the pass (hooks of this thread only), and the read lock is taken per
+        chunk, so a weight swap waits for one chunk, not for the whole corpus. Later calls
+        return at once; concurrent ones wait for the first.
         """
-        with self.handle.reading():
-            return self._prepare()
+        return self._prepare()
 
     def _prepare(self) -> float:
-        if self.preservation:
-            return 0.0
+        with self._prepare_lock:
+            if self.preservation:
+                return 0.0
+            return self._build_preservation()
+
+    def _build_preservation(self) -> float:
         start = time.perf_counter()
         # No fallback text: a real model's C0 from the built-in world's invented sentences
         # describes keys it never sees (editd.models.corpus picks the text per model).
@@ -212,6 +227,10 @@ class Editor:
                     c0, cfg.mom2_weight, max_rank=cfg.max_rank, device=device
                 )
             self.preservation[name] = pres
+        if self._pending_keys is not None:
+            keys, self._pending_keys = self._pending_keys, None
+            for name, pres in self.preservation.items():
+                pres.reset([v[name] for v in keys if name in v], cfg.preserve_weight)
         return time.perf_counter() - start
 
     def compute_update(self, batch: Sequence[FactUpdate]) -> EditUpdate:
@@ -229,10 +248,9 @@ class Editor:
         rows, owner = site_rows(facts, self.config.site)
         timings: dict[str, float] = {"keys": 0.0, "solve": 0.0}
         handle = self.handle
+        t0 = time.perf_counter()
+        timings["stats"] = self._prepare()  # takes the read lock itself, chunk by chunk
         with handle.reading():
-            t0 = time.perf_counter()
-            timings["stats"] = self._prepare()
-
             site = self.config.site
             prompts = prompt_set(handle.tokenizer, rows, self.config.prefixes, site=site)
             # At the prompt's last token there are no relation tokens after the site to hold.
@@ -336,12 +354,18 @@ class Editor:
             self.preservation[name].add(layer.keys, self.config.preserve_weight)
 
     def reset_to(self, keys_per_version: Iterable[Mapping[str, torch.Tensor]]) -> None:
-        """Rebuild preservation from the keys of the versions that remain (after a rollback)."""
-        with self.handle.reading():
-            self._prepare()
+        """Preserve exactly the keys of these versions (after a restore or a rollback).
+
+        Before C0 exists the keys are kept and applied once it does, so a restart serves at
+        once and only the first edit waits for C0.
+        """
         versions = list(keys_per_version)
-        for name, pres in self.preservation.items():
-            pres.reset([v[name] for v in versions if name in v], self.config.preserve_weight)
+        with self._prepare_lock:
+            if not self.preservation:
+                self._pending_keys = versions
+                return
+            for name, pres in self.preservation.items():
+                pres.reset([v[name] for v in versions if name in v], self.config.preserve_weight)
 
 
 def site_rows(facts: Sequence[FactUpdate], site: str) -> tuple[list[FactUpdate], list[int]]:

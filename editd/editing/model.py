@@ -9,6 +9,7 @@ bit-identical tensors (DESIGN.md §4).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from editd.editing.trace import TraceDict
 from editd.lowrank import served_weight, tensor_sha256
 
 log = logging.getLogger(__name__)
@@ -299,6 +301,24 @@ class ModelHandle:
         """Serve the base model again."""
         self.set_deltas({})
 
+    def base_view(self, names: Iterable[str] | None = None) -> TraceDict:
+        """Within this block, this thread's forward passes see the base model.
+
+        Each module the handle keeps a base copy of (every module it ever edited, or those of
+        `names`) computes its output from that copy; other threads keep seeing the served
+        weights. C0 and the base model's scores need the unedited model while an edited
+        version is being served. Exact for the Llama family's bias-free `down_proj`.
+        """
+        chosen = [n for n in (names if names is not None else self.base) if n in self.base]
+        edits = {n: functools.partial(_base_output, weight=self.base[n]) for n in chosen}
+        return TraceDict(self.model, chosen, edit_output=edits)
+
     def weight_sha256(self, names: Iterable[str]) -> dict[str, str]:
         with self.reading():
             return {n: tensor_sha256(self.weight(n)) for n in names}
+
+
+def _base_output(
+    output: torch.Tensor, inputs: torch.Tensor, *, weight: torch.Tensor
+) -> torch.Tensor:
+    return torch.nn.functional.linear(inputs, weight)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from editd import durable
 from editd.editing.model import ModelHandle
-from editd.editing.subject import pad_token_id
+from editd.editing.subject import pad_rows, pad_token_id
 from editd.editing.trace import TraceDict
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,11 @@ def layer_second_moments(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] (float64, on the model's device) of each module's input; and tokens used.
 
-    The caller holds the model's read lock. Modules must be given in forward order.
+    Modules must be given in forward order. The handle's read lock is taken for each chunk's
+    forward pass, so a weight swap (an edit or rollback served meanwhile) waits for one chunk;
+    the keys are the base model's whatever is served (`ModelHandle.base_view`: in this
+    thread only, requests served meanwhile see the served weights). The caller must not hold the
+    read lock (it is not re-entrant).
     """
     tok = handle.tokenizer
     specials = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
@@ -121,17 +125,17 @@ def layer_second_moments(
             if not chunk:
                 break
             enc = tok(chunk, truncation=True, max_length=max_length, add_special_tokens=True)
-            ids = enc["input_ids"]
-            width = max(len(r) for r in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, r in enumerate(ids):
-                input_ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            padded = pad_rows(enc["input_ids"], pad, left=False)
+            input_ids, mask, positions = (
+                padded.input_ids,
+                padded.attention_mask,
+                padded.position_ids,
+            )
             use = mask.bool() & ~torch.isin(input_ids, specials)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with (
+                handle.reading(),
                 torch.no_grad(),
+                handle.base_view(),
                 TraceDict(handle.model, modules, retain_input=True, stop=True) as td,
             ):
                 handle.model(

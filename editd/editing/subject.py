@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from editd import config
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -26,7 +28,7 @@ class Rendered:
     answer_start: int | None = None
 
 
-SITES = ("subject_last", "prompt_last")
+SITES = config.SITES
 
 
 def render(
