@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from editd.config import ConfigError, Settings, load_settings
+from editd.config import ALGOS, ConfigError, Settings, load_settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kafka(p)
     p.add_argument("file", help="JSON lines, a CounterFact JSON array, a zsRE JSON file, or -.")
 
-    p = command("checkpoints", "editd.store.cli:checkpoints", "List model versions.")
+    p = command("checkpoints", "editd.checkpoints:checkpoints", "List model versions.")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--json", action="store_true")
 
-    p = command("rollback", "editd.store.cli:rollback", "Roll the model back to a version.")
+    p = command("rollback", "editd.checkpoints:rollback", "Roll the model back to a version.")
     p.add_argument("version", type=int)
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--url", help="Admin API of a running daemon (default from serve.*).")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="Model directory or name.")
     p.add_argument("--dataset", type=Path, required=True, help="CounterFact / zsRE records.")
-    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--algo", choices=ALGOS, default="emmet")
     p.add_argument("--facts", type=int, default=32, help="Facts per grid point.")
     p.add_argument("--window", type=int, default=5, help="Edited layers per candidate.")
     p.add_argument("--lambdas", help="Comma-separated λ values (default 15000).")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Benchmarks that print JSON.")
     bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     p = command("edit", "editd.bench.edit:main", "Sequential batched editing benchmark.", bsub)
-    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--algo", choices=ALGOS, default="emmet")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--edits", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="Which records (or world requests).")
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub
     )
     p.add_argument("--shape", choices=["llama3-8b", "llama3.2-1b", "tiny"], default="llama3-8b")
-    p.add_argument("--algo", choices=["memit", "emmet", "alphaedit"], default="emmet")
+    p.add_argument("--algo", choices=ALGOS, default="emmet")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--edits", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -74,19 +74,30 @@ class ModelSettings(Section):
     name: str = Field("editd-llama", description="Model name the HTTP API reports.")
 
 
+# The vocabularies every part shares, named once: settings validate against them, the CLI
+# offers them, the editor, the evaluator and the benchmarks iterate over them.
+Algo = Literal["memit", "emmet", "alphaedit"]
+Site = Literal["subject_last", "prompt_last"]
+Split = Literal["joint", "even"]
+ALGOS: tuple[str, ...] = get_args(Algo)
+SITES: tuple[str, ...] = get_args(Site)
+SPLITS: tuple[str, ...] = get_args(Split)
+SCORE_NAMES = ("es", "ps", "ns", "s")  # efficacy, paraphrase, neighbourhood, harmonic mean
+
+
 class EditingSettings(Section):
     """How facts are written. A key left unset takes the model's own profile (`editd.json` in
     its directory, e.g. the built-in model's), then the engine's defaults."""
 
-    algo: Literal["memit", "emmet", "alphaedit"] = "emmet"
+    algo: Algo = "emmet"
     layers: list[int] | None = Field(
         None, description="Edited layers; empty picks the early-middle MLPs of the model."
     )
-    site: Literal["subject_last", "prompt_last"] = Field(
+    site: Site = Field(
         "subject_last",
         description="Token whose MLP input is the key: the subject's last (MEMIT) or the prompt's.",
     )
-    layer_split: Literal["joint", "even"] = Field(
+    layer_split: Split = Field(
         "joint",
         description="Residual per layer: one EMMET over the layers left, or MEMIT's even split.",
     )
@@ -150,6 +161,9 @@ class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536)
     admin_token: SecretStr | None = None
+    # Bearer token for inference (/v1/completions, /v1/models), as vLLM's --api-key; separate
+    # from the admin token so a client that may ask cannot roll back. None: open.
+    api_key: SecretStr | None = None
     max_prompt_chars: int = Field(4096, gt=0)
     max_tokens: int = Field(256, gt=0)
 
