@@ -3,9 +3,9 @@
 `checkpoints` reads the store directly (read-only, no lock), so it works whether or not the
 daemon runs. `rollback` asks the running daemon first (`POST /v1/rollback`): only the daemon
 can swap the served weights. When nothing listens there, it rolls the stopped store back
-itself, then publishes the undone facts to the rejected topic if a broker answers; otherwise
-they stay marked `rejected_pending` in their manifests and the daemon publishes them on start
-(`publish_pending_rejections`, which the daemon calls too).
+itself; the undone facts are in the store's outbox then, published to the rejected topic at
+once if a broker answers, else by the daemon when it starts (`consumers.rejected`, the one
+publisher of that topic).
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ import logging
 import sys
 from typing import Any
 
-from editd.config import Settings, admin_token
-from editd.store.store import (
-    EditStore,
-    StoreError,
-    StoreLocked,
-    StoreNotFound,
-    VersionInfo,
-    rejected_messages,
-)
+from editd.config import SCORE_NAMES, Settings, admin_token
+from editd.consumers.publish import bootstrap_servers_for
+from editd.consumers.rejected import drain
+from editd.store.store import EditStore, StoreError, StoreLocked, StoreNotFound
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +27,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 # Scores shown as table columns when the evaluator recorded them under these keys.
-_SCORE_COLUMNS = ("es", "ps", "ns", "s")
+_SCORE_COLUMNS = SCORE_NAMES
 
 
 def checkpoints(args: argparse.Namespace, settings: Settings) -> int:
@@ -47,32 +42,32 @@ def checkpoints(args: argparse.Namespace, settings: Settings) -> int:
         print(f"editd: cannot read the edit store: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     with store:
-        infos = store.versions()
+        infos = store.listing()
     if getattr(args, "json", False):
-        print(json.dumps([i.to_json() for i in infos], indent=1))
+        print(json.dumps(infos, indent=1))
     else:
         print(render_versions(infos))
     return EXIT_OK
 
 
-def render_versions(infos: list[VersionInfo]) -> str:
+def render_versions(infos: list[dict[str, Any]]) -> str:
     """A plain text table, newest version first; `*` marks the live one."""
     header = ["", "VERSION", "PARENT", "CREATED", "FACTS", "STATE", *map(str.upper, _SCORE_COLUMNS)]
     rows = [header]
-    for info in sorted(infos, key=lambda i: i.version, reverse=True):
-        state = info.state
-        if info.undone_reason:
-            state += f" ({info.undone_reason})"
-        if info.rejected_pending:
+    for info in sorted(infos, key=lambda i: i["version"], reverse=True):
+        state = info["state"]
+        if info["undone_reason"]:
+            state += f" ({info['undone_reason']})"
+        if info["rejected_pending"]:
             state += " [rejected pending]"
-        scores = _flat_scores(info.scores)
+        scores = _flat_scores(info["scores"])
         rows.append(
             [
-                "*" if info.current else "",
-                str(info.version),
-                "-" if info.parent is None else str(info.parent),
-                info.created,
-                str(info.n_facts),
+                "*" if info["current"] else "",
+                str(info["version"]),
+                "-" if info["parent"] is None else str(info["parent"]),
+                info["created"],
+                str(info["facts"]),
                 state,
                 *(_score(scores.get(k)) for k in _SCORE_COLUMNS),
             ]
@@ -118,11 +113,12 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
     with store:
         before = store.current
         try:
-            facts = store.rollback(version, reason)
+            records = store.rollback(version, reason)
         except StoreError as exc:
             print(f"editd: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        if not facts and before == version:
+        facts = [f for r in records for f in r.facts]
+        if not records and before == version:
             print(f"version {version} is already live; nothing to roll back")
             return EXIT_OK
         topic = settings.kafka.rejected
@@ -132,73 +128,19 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
         level = kafka_log.level
         kafka_log.setLevel(logging.CRITICAL)
         try:
-            published = publish_pending_rejections(store, bootstrap_servers(settings), topic)
+            published = drain(store.outbox, bootstrap_servers_for(settings.kafka), topic)
         finally:
             kafka_log.setLevel(level)
-        pending = sum(len(r.facts) for r in store.pending_rejections())
+        pending = store.outbox.facts_pending()
         print(f"rolled back from version {before} to {version}; {len(facts)} facts undone")
         if published:
             print(f"published {published} facts to {topic}")
         if pending:
             print(
-                f"{pending} facts are kept as rejected_pending (no broker answered); the daemon "
+                f"{pending} facts are kept in the outbox (no broker answered); the daemon "
                 f"publishes them to {topic} when it starts"
             )
     return EXIT_OK
-
-
-def bootstrap_servers(settings: Settings) -> list[str]:
-    """The configured brokers, else the embedded broker's loopback address."""
-    return settings.kafka.bootstrap_servers or [f"127.0.0.1:{settings.kafka.embedded_port}"]
-
-
-def publish_pending_rejections(
-    store: EditStore, servers: list[str], topic: str, *, timeout_s: float = 5.0
-) -> int:
-    """Publish the facts of undone versions not yet on `topic`; mark them published.
-
-    Returns how many facts were published; 0 when no broker answered (they stay pending, to be
-    retried later). A version is marked only after all its records were acknowledged, so a
-    crash may publish some twice but never loses one.
-    """
-    pending = store.pending_rejections()
-    if not pending:
-        return 0
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaError
-
-    ms = int(timeout_s * 1000)
-    try:
-        producer = KafkaProducer(
-            bootstrap_servers=servers,
-            acks="all",
-            max_block_ms=ms,
-            request_timeout_ms=ms,
-            delivery_timeout_ms=3 * ms,
-            bootstrap_timeout_ms=ms,
-        )
-    except KafkaError as exc:
-        log.warning("cannot reach a broker at %s (%s): rejected facts stay pending", servers, exc)
-        return 0
-    published = 0
-    try:
-        for rejection in pending:
-            futures = [
-                producer.send(topic, key=key, value=value, headers=headers)
-                for key, value, headers in rejected_messages(rejection)
-            ]
-            producer.flush(timeout=timeout_s)
-            for future in futures:
-                future.get(timeout=timeout_s)
-            store.mark_rejections_published([rejection.version])
-            published += len(futures)
-    except KafkaError as exc:
-        log.warning(
-            "publishing rejected facts to %s failed (%s); the rest stay pending", topic, exc
-        )
-    finally:
-        producer.close(timeout=timeout_s)
-    return published
 
 
 def _flat_scores(scores: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +114,23 @@ class Daemon:
             time.sleep(0.3)
         raise AssertionError(f"editd not ready in {timeout}s:\n{self.log()}")
 
-    def wait_log(self, needle: str, timeout: float, start: int = 0) -> int:
-        """Index of the first log line from `start` on containing `needle`."""
+    def wait_status(
+        self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """Poll `/v1/status` until `predicate` holds; returns that status."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for i in range(start, len(self.lines)):
-                if needle in self.lines[i]:
-                    return i
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"editd exited waiting for {needle!r}:\n{self.log()}")
+                raise AssertionError(f"editd exited waiting for {what}:\n{self.log()}")
+            try:
+                status = httpx.get(f"{self.url}/v1/status", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                status = None
+            if status is not None and predicate(status):
+                return status
             time.sleep(0.05)
-        raise AssertionError(f"no {needle!r} in {timeout}s:\n{self.log()}")
+        raise AssertionError(f"no {what} in {timeout}s:\n{self.log()}")
 
     def wait_version(self, version: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -170,6 +175,11 @@ def manifests(data_dir: Path) -> list[dict[str, Any]]:
     """Manifests of the edit versions (1, 2, ...); version 0 is the base model."""
     found = [json.loads(p.read_text()) for p in sorted(data_dir.glob("versions/*/manifest.json"))]
     return [m for m in found if m["version"] > 0]
+
+
+def fact_ids_of(manifest: dict[str, Any]) -> list[str]:
+    """The ids of a manifest's facts (the manifest keeps the facts, not a second id list)."""
+    return [f["id"] for f in manifest["facts"]]
 
 
 def fact_lines(facts: Iterable[FactUpdate]) -> list[bytes]:

@@ -19,7 +19,7 @@ import pytest
 from editd.consumers.broker import EmbeddedBroker, ensure_topics
 from editd.consumers.publish import publish_facts, publish_raw
 from editd.world.requests import make_requests
-from tests.daemon_harness import Daemon, manifests
+from tests.daemon_harness import Daemon, fact_ids_of, manifests
 from tests.kafka_support import committed, read_topic
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
@@ -69,7 +69,7 @@ def test_stream_applies_every_fact_dead_letters_the_rest_and_rolls_back_exactly(
 
         # Every valid fact applied exactly once, in ceil(500 / batch) versions.
         ms = manifests(tmp_path / "store")
-        ids = [i for m in ms for i in m["fact_ids"]]
+        ids = [i for m in ms for i in fact_ids_of(m)]
         assert len(ms) == expected_versions
         assert sorted(ids) == sorted(f.fact_id for f in facts)
         # The 20 malformed records are in the DLQ, each with its reason and origin.
@@ -120,33 +120,37 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
     daemon = Daemon(store, servers, topic, batch_size=4, linger=0.5)
     rng = random.Random(5)
     # Kill points: while batching, during an edit, and just after a version became durable
-    # but before its offsets were committed (the log line comes between the two).
+    # (served, so /v1/status shows it) but possibly before its offsets were committed.
     points = [
         "ready",
-        "editing batch",
-        "version ",
+        "editing",
+        "version",
         "ready",
-        "editing batch",
-        "version ",
-        "editing batch",
-        "version ",
+        "editing",
+        "version",
+        "editing",
+        "version",
         "ready",
-        "version ",
-        "editing batch",
-        "version ",
+        "version",
+        "editing",
+        "version",
     ]
     kills = 0
     for point in points:
         daemon.start()
         try:
+            daemon.wait_ready()
             if point == "ready":
-                daemon.wait_ready()
                 time.sleep(rng.uniform(0, 1.5))
+            elif point == "editing":
+                daemon.wait_status("an edit", lambda s: s["editing"] is not None, timeout=240)
+                time.sleep(rng.uniform(0, 0.2))
             else:
-                daemon.wait_log(point, timeout=240)
+                start = daemon.get("/v1/status").json()["version"]
+                daemon.wait_status("a version", lambda s, v=start: s["version"] > v, timeout=240)
                 time.sleep(rng.uniform(0, 0.2))
         except AssertionError:
-            if all(len(m["fact_ids"]) for m in manifests(store)) and _applied(store) == {
+            if all(len(fact_ids_of(m)) for m in manifests(store)) and _applied(store) == {
                 f.fact_id for f in facts
             }:
                 break  # everything is applied; nothing left to interrupt
@@ -159,7 +163,7 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
     while _applied(store) != {f.fact_id for f in facts} and time.monotonic() < deadline:
         time.sleep(1)
     counts = collections.Counter(
-        i for m in manifests(store) if m["state"] == "committed" for i in m["fact_ids"]
+        i for m in manifests(store) if m["state"] == "committed" for i in fact_ids_of(m)
     )
     assert kills >= 10
     assert set(counts) == {f.fact_id for f in facts}, daemon.log()
@@ -168,7 +172,7 @@ def test_kill_9_at_any_moment_loses_and_duplicates_nothing(
 
 
 def _applied(store: Path) -> set[str]:
-    return {i for m in manifests(store) if m["state"] == "committed" for i in m["fact_ids"]}
+    return {i for m in manifests(store) if m["state"] == "committed" for i in fact_ids_of(m)}
 
 
 def test_one_fact_is_served_within_seconds(broker: EmbeddedBroker, tmp_path: Path) -> None:

@@ -103,11 +103,15 @@ def test_serves_while_editing_rolls_back_a_damaging_version_and_exports_everythi
             quiet_until = time.monotonic()
             publish_facts(good, servers, topic)
             publish_raw([(None, b"{not json"), (None, b'{"subject": "x"}')], servers, topic)
-            d.wait_log("version 1:", timeout=600)
+            d.wait_version(1, timeout=600)
             edits_until = time.monotonic()
 
             # The evaluator rolls the damaging version back by itself.
-            d.wait_log("rolled back 1 → 0", timeout=600)
+            d.wait_status(
+                "the evaluator's rollback",
+                lambda s: (s["last_rollback"] or {}).get("to") == 0,
+                timeout=600,
+            )
             time.sleep(3)
             client.stop.set()
             client.join(60)

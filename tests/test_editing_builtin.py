@@ -11,6 +11,7 @@ from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.targets import object_probability
 from editd.models.corpus import builtin_world_corpus
+from editd.versions import VersionedModel
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +45,13 @@ def test_one_batch_of_32_becomes_top1(builtin: Path, c0_cache: Path, algo: str) 
     )
     with handle.reading():
         before, _ = object_probability(handle, requests)
-    update = editor.compute_update(requests)
-    handle.set_deltas({n: u.dense() for n, u in update.layers.items()})
-    editor.commit(update)
-    with handle.reading():
-        prob, top1 = object_probability(handle, requests)
+    # The daemon's apply path (durable commit, sha256, swap), so what is scored is served.
+    with VersionedModel.temporary(handle, editor) as model:
+        update = editor.compute_update(requests)
+        model.apply(update, requests)
+        with model.reading() as version:
+            assert version == 1
+            prob, top1 = object_probability(handle, requests)
     assert float(top1.float().mean()) >= 0.97, update.diagnostics
     assert float(prob.mean()) > float(before.mean()) + 0.5
     targets = torch.tensor(update.diagnostics["target_prob"])
@@ -75,11 +78,9 @@ def test_one_batch_of_32_meets_the_es_ps_ns_floors(
     scored = []
     for seed in range(5):
         requests = make_requests(32, seed=seed)
-        handle.reset()
-        editor.reset_to([])
-        update = editor.compute_update(requests)
-        handle.set_deltas({n: u.dense() for n, u in update.layers.items()})
-        with handle.reading():
-            scored += fact_logprobs(handle.model, handle.tokenizer, requests)
+        with VersionedModel.temporary(handle, editor) as model:
+            model.apply(editor.compute_update(requests), requests)
+            with model.reading():
+                scored += fact_logprobs(handle.model, handle.tokenizer, requests)
     scores = summarize(scored)
     assert scores.es >= 0.97 and scores.ps >= 0.90 and scores.ns >= 0.90, scores

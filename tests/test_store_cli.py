@@ -123,18 +123,18 @@ def test_rollback_of_a_stopped_store_without_a_broker_keeps_facts_pending(
     assert main(["rollback", "2", "--data-dir", str(store_dir), "--reason", "bad batch"]) == 0
     out = capsys.readouterr().out
     assert "rolled back from version 5 to 2; 6 facts undone" in out
-    assert "6 facts are kept as rejected_pending" in out
+    assert "6 facts are kept in the outbox" in out
     with EditStore(store_dir) as store:
         store.open()
         assert store.current == 2
         assert store.verify() == []
-        pending = store.pending_rejections()
+        pending = store.outbox.pending()
         assert [(r.version, r.reason) for r in pending] == [
             (3, "bad batch"),
             (4, "bad batch"),
             (5, "bad batch"),
         ]
-        assert store.manifest(5)["rejected_pending"] is True
+        assert {i["version"]: i["rejected_pending"] for i in store.listing()}[5] is True
     assert main(["rollback", "4", "--data-dir", str(store_dir)]) == 1
     assert "is undone" in capsys.readouterr().err
 
@@ -146,7 +146,7 @@ def test_rollback_of_a_stopped_store_publishes_to_the_rejected_topic(
     monkeypatch.setenv("EDITD_KAFKA__BOOTSTRAP_SERVERS", f'["{tansu}"]')
     with EditStore(store_dir) as store:
         store.open()
-        expected = [f for v in (4, 5) for f in store.manifest(v)["facts"]]
+        expected = [f for v in (4, 5) for f in store.version(v).facts]
     assert main(["rollback", "3", "--data-dir", str(store_dir)]) == 0
     assert "published 4 facts to facts.rejected" in capsys.readouterr().out
     records = read_topic(tansu, "facts.rejected", 4)
@@ -156,10 +156,10 @@ def test_rollback_of_a_stopped_store_publishes_to_the_rejected_topic(
     assert [h["version"] for h in headers] == [b"4", b"4", b"5", b"5"]
     assert {h["reason"] for h in headers} == {b"operator rollback"}
     assert {h["rolled_back_to"] for h in headers} == {b"3"}
+    assert {h["kind"] for h in headers} == {b"rolled_back"}
     with EditStore(store_dir) as store:
         store.open()
-        assert store.pending_rejections() == []
-        assert "rejected_published" in store.manifest(4)
+        assert store.outbox.pending() == []
 
 
 def test_rollback_is_refused_while_another_process_holds_the_store(store_dir, cli_env, capsys):
@@ -187,12 +187,12 @@ class StoreBackedService:
         return True
 
     def versions(self) -> list[dict[str, Any]]:
-        return [i.to_json() for i in self.store.versions()]
+        return self.store.listing()
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
-        facts = self.store.rollback(version, reason)
+        records = self.store.rollback(version, reason)
         self.served_sha = {n: tensor_sha256(t) for n, t in self.store.served().items()}
-        return {"version": self.store.current, "undone_facts": len(facts)}
+        return {"version": self.store.current, "undone_facts": sum(len(r.facts) for r in records)}
 
 
 def test_rollback_goes_through_a_running_daemon(store_dir, monkeypatch, capsys):
@@ -210,7 +210,7 @@ def test_rollback_goes_through_a_running_daemon(store_dir, monkeypatch, capsys):
         assert json.loads(capsys.readouterr().out) == {"version": 2, "undone_facts": 6}
         assert store.current == 2
         assert service.served_sha == store.expected_sha256(2)
-        assert store.manifest(5)["undone"]["reason"] == "via api"
+        assert store.version(5).undone.reason == "via api"
 
         monkeypatch.setenv("EDITD_SERVE__ADMIN_TOKEN", "wrong")
         assert main(["rollback", "1", "--url", server.url]) == 1

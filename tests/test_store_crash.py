@@ -143,10 +143,10 @@ def test_crash_at_every_step_of_a_rollback(template, base, tmp_path):
             if store.current == 3:
                 # Not rolled back: nothing is marked undone, nothing is pending.
                 assert set(states.values()) == {"committed"}
-                assert store.pending_rejections() == []
+                assert store.outbox.pending() == []
             else:
                 assert states == {0: "committed", 1: "committed", 2: "undone", 3: "undone"}
-                assert [r.version for r in store.pending_rejections()] == [2, 3]
+                assert [r.version for r in store.outbox.pending()] == [2, 3]
 
 
 def _commit_forever(root: Path) -> None:
@@ -222,6 +222,6 @@ def test_an_interrupted_rollback_is_reverted(template, base, tmp_path):
     manifest.update(state="undone", rejected_pending=True, undone=undone)
     path.write_text(json.dumps(manifest))
     with _assert_consistent(root, base, {3}) as store:
-        assert store.manifest(3)["state"] == "committed"
-        assert "undone" not in json.loads(path.read_text())
-        assert store.pending_rejections() == []
+        assert store.version(3).state == "committed"
+        assert json.loads(path.read_text())["undone"] is None
+        assert store.outbox.pending() == []

@@ -10,13 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from editd.lowrank import EditUpdate, LayerUpdate, lowrank_product, served_weight, tensor_sha256
-from editd.store.store import (
-    EditStore,
-    StoreError,
-    StoreLocked,
-    StoreMismatch,
-    rejected_messages,
-)
+from editd.store.store import EditStore, StoreError, StoreLocked, StoreMismatch, VersionNotFound
+from editd.store.version import VersionState
 
 EDITED = [1, 2]
 RANK = 3
@@ -112,20 +107,23 @@ def test_seven_versions_roll_back_to_three_then_base(tmp_path, dtype):
         assert live == store.expected_sha256(7)
 
         undone = store.rollback(3, "test: scores fell")
-        assert [f["id"] for f in undone] == [f"f-{v}-{i}" for v in (4, 5, 6, 7) for i in (0, 1)]
+        ids = [f["id"] for r in undone for f in r.facts]
+        assert ids == [f"f-{v}-{i}" for v in (4, 5, 6, 7) for i in (0, 1)]
         assert store.current == 3
         served = store.served()
         assert {n: tensor_sha256(t) for n, t in served.items()} == store.expected_sha256(3)
         assert store.expected_sha256(3) == seen[3]
         assert store.verify(3) == []
 
-        assert len(store.rollback(0, "test: back to base")) == 6
+        assert sum(len(r.facts) for r in store.rollback(0, "test: back to base")) == 6
         assert store.deltas() == {}
         assert {n: tensor_sha256(t) for n, t in store.served().items()} == base_sha
         for name, t in store.served().items():
             assert torch.equal(t.view(torch.uint8), base[name].view(torch.uint8))
 
-        states = {i.version: (i.state, i.undone_reason, i.current) for i in store.versions()}
+        states = {
+            i["version"]: (i["state"], i["undone_reason"], i["current"]) for i in store.listing()
+        }
         assert states[0] == ("committed", None, True)
         assert states[3] == ("undone", "test: back to base", False)
         assert states[7] == ("undone", "test: scores fell", False)
@@ -173,11 +171,11 @@ def test_new_versions_after_a_rollback_get_new_numbers(tmp_path):
         commit_n(store, base, 4)
         store.rollback(2, "test")
         info = store.commit(make_update(base, 7), make_facts(50), {"facts/0": 500})
-        assert (info.version, info.parent, info.current) == (5, 2, True)
+        assert (info.version, info.parent, store.current) == (5, 2, 5)
         assert store.lineage() == [0, 1, 2, 5]
         with pytest.raises(StoreError, match="is undone"):
             store.rollback(3, "test")
-        with pytest.raises(StoreError, match="does not exist"):
+        with pytest.raises(VersionNotFound, match="no such version"):
             store.rollback(9, "test")
         # The rolled-back facts may be applied again; live ones may not.
         store.commit(make_update(base, 8), make_facts(3), {"facts/0": 600})
@@ -200,40 +198,49 @@ def test_recovery_state_survives_reopen(tmp_path):
         store.open(base)
         assert store.current == 2
         assert store.applied_fact_ids() == {"f-1-0", "f-1-1", "f-2-0", "f-2-1"}
-        # Undone versions' records were consumed too: a restart must not read them again.
-        assert store.committed_offsets() == {"facts/0": 40, "facts/1": 20}
         keys = store.keys_by_version()
         assert [v for v, _ in keys] == [1, 2]
         for (_, per_module), update in zip(keys, updates[:2], strict=True):
             for name, layer in update.layers.items():
                 assert torch.equal(per_module[name], layer.keys)
-        manifest = store.manifest(2)
-        assert manifest["scores"]["s"] == 0.89
-        assert manifest["offsets"] == {"facts/0": 20, "facts/1": 10}
-        assert manifest["timings"] == {}
-        assert manifest["diagnostics"] == {"residual": 0.25, "nan": "inf"}
-        assert [f["id"] for f in manifest["facts"]] == manifest["fact_ids"]
+        version = store.version(2)
+        assert version.scores["s"] == 0.89 and version.scored
+        assert version.offsets == {"facts/0": 20, "facts/1": 10}
+        assert version.timings == {}
+        assert version.diagnostics == {"residual": 0.25, "nan": "inf"}
+        assert version.fact_ids == ("f-2-0", "f-2-1")
+        assert store.version(3).state is VersionState.UNDONE
+        assert store.version(3).undone.reason == "test"
+        on_disk = json.loads((tmp_path / "versions" / "000002" / "manifest.json").read_text())
+        assert "fact_ids" not in on_disk  # the facts' own ids, not a second copy
 
-        pending = store.pending_rejections()
-        assert [(r.version, r.to_version, r.reason) for r in pending] == [
-            (3, 2, "test"),
-            (4, 2, "test"),
+        pending = store.outbox.pending()
+        assert [(r.version, r.rolled_back_to, r.reason, r.kind) for r in pending] == [
+            (3, 2, "test", "rolled_back"),
+            (4, 2, "test", "rolled_back"),
         ]
-        records = rejected_messages(pending[0])
-        key, value, headers = records[0]
+        key, value, headers = pending[0].messages()[0]
         assert key == b"Subject 3.0" and json.loads(value)["id"] == "f-3-0"
         assert dict(headers) == {
             "reason": b"test",
+            "kind": b"rolled_back",
+            "fact_id": b"f-3-0",
             "version": b"3",
             "rolled_back_to": b"2",
-            "fact_id": b"f-3-0",
         }
-        store.mark_rejections_published([3])
-        assert [r.version for r in store.pending_rejections()] == [4]
+        store.outbox.done(pending[0].id)
+        assert [r.version for r in store.outbox.pending()] == [4]
+        with pytest.raises(VersionNotFound):
+            store.version(99)
+        with pytest.raises(VersionNotFound):
+            store.rollback(99, "no such version")
     with EditStore(tmp_path, readonly=True) as store:
         store.open()
-        assert [r.version for r in store.pending_rejections()] == [4]
-        assert [i.n_facts for i in store.versions()] == [0, 2, 2, 2, 2]
+        assert [r.version for r in store.outbox.pending()] == [4]
+        assert [len(v.facts) for v in store.versions()] == [0, 2, 2, 2, 2]
+        listed = {i["version"]: i for i in store.listing()}
+        assert listed[4]["rejected_pending"] and not listed[3]["rejected_pending"]
+        assert listed[2]["current"] and listed[2]["scores"]["s"] == 0.89
 
 
 def test_commit_refuses_updates_that_do_not_fit(tmp_path):

@@ -1,9 +1,10 @@
 """`editd bench edit`: sequential batched editing of world requests, scored after the last batch.
 
 N counterfactual requests from the world generator are written into the built-in model (or a
-given one) in batches of B, each batch through the same path the daemon takes: compute the
-update on the current model, add its factors to the accumulated float32 delta, serve
-`base + delta`, and commit the batch's keys so later batches preserve it. Scores are taken once,
+given one) in batches of B, each batch through the daemon's own path: the update is computed on
+the served model and applied by `VersionedModel.apply` on a temporary edit store (durable
+commit, sha256 of every edited tensor, swap, preservation of its keys), so the timings include
+the store and what is scored is what the daemon would serve. Scores are taken once,
 after the last batch, over all N requests, so early edits count only if they survived the later
 ones. The canary is the greedy accuracy on facts of subjects no request touches, in the template
 each subject never saw in training, before and after.
@@ -32,11 +33,12 @@ from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, 
 from editd.editing.stats import Corpus
 from editd.facts import FactUpdate
 from editd.models.registry import is_builtin
+from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
 
 CANARY_SIZE = 500
-STAGES = ("keys", "targets", "solve", "check")
+STAGES = ("keys", "targets", "solve", "check", "store", "apply")
 
 
 @dataclass
@@ -45,10 +47,9 @@ class EditRun:
 
     seconds: float = 0.0
     stats_seconds: float = 0.0
-    apply_seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     batches: int = 0
-    batch_seconds: list[float] = field(default_factory=list)  # compute, apply and commit
+    batch_seconds: list[float] = field(default_factory=list)  # compute, store, swap, preserve
     target_prob: list[float] = field(default_factory=list)
     target_steps: list[float] = field(default_factory=list)
     post_top1: list[float] = field(default_factory=list)
@@ -101,38 +102,30 @@ def make_editor(
 
 
 def apply_sequentially(
-    handle: ModelHandle,
-    editor: Editor,
+    model: VersionedModel,
     requests: Sequence[FactUpdate],
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EditRun:
-    """Edit `requests` in order, `batch_size` at a time, starting from the base weights.
-
-    The handle's served deltas are replaced by this run's; the editor's preservation state is
-    the caller's to reset (`reset`) when a run must not preserve earlier runs' keys.
-    """
+    """Edit `requests` in order, `batch_size` at a time, on top of what `model` serves."""
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
+    editor = model.editor
+    if editor is None:
+        raise ValueError("the versioned model has no editor")
     run = EditRun()
     run.stats_seconds = editor.prepare()
-    deltas: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
     for lo in range(0, len(requests), batch_size):
         batch = requests[lo : lo + batch_size]
         began = time.perf_counter()
         update = editor.compute_update(batch)
-        t = time.perf_counter()
-        for name, layer in update.layers.items():
-            dense = layer.dense().float()  # (d_out, d_in)
-            deltas[name] = deltas[name] + dense if name in deltas else dense
-        handle.set_deltas(deltas)
-        editor.commit(update)
-        run.apply_seconds += time.perf_counter() - t
-        run.batch_seconds.append(time.perf_counter() - began)
         diag: dict[str, Any] = dict(update.diagnostics)
+        applied = model.apply(update, batch, timings=diag.get("seconds", {}))
+        run.batch_seconds.append(time.perf_counter() - began)
+        seconds = {**diag.get("seconds", {}), **applied.seconds}
         for stage in STAGES:
-            run.stages[stage] += float(diag.get("seconds", {}).get(stage, 0.0))
+            run.stages[stage] += float(seconds.get(stage, 0.0))
         run.target_prob += [float(p) for p in diag.get("target_prob", [])]
         run.target_steps += [float(n) for n in diag.get("target_steps", [])]
         run.post_top1.append(float(diag.get("post_top1", float("nan"))))
@@ -141,12 +134,6 @@ def apply_sequentially(
             on_batch(lo + len(batch), len(requests))
     run.seconds = time.perf_counter() - start
     return run
-
-
-def reset(handle: ModelHandle, editor: Editor) -> None:
-    """Back to the base model with nothing preserved beyond C0."""
-    handle.reset()
-    editor.reset_to([])
 
 
 def canary_set(
@@ -301,20 +288,20 @@ def run_bench(
     base_ppl = perplexity(handle, work.texts)
     base_known = known_kept(handle, work.known)
     editor = make_editor(handle, settings, algo)
-    run = apply_sequentially(
-        handle,
-        editor,
-        requests,
-        batch_size,
-        on_batch=lambda done, total: log.info("edited %d/%d facts", done, total),
-    )
-    t = time.perf_counter()
-    scores = summarize(score(handle, requests))
-    after_canary = canary(handle, work.canary_prompts, work.canary_objects)
-    after_served = served(handle, requests)
-    after_ppl = perplexity(handle, work.texts)
-    after_known = known_kept(handle, work.known)
-    scoring_seconds = time.perf_counter() - t
+    with VersionedModel.temporary(handle, editor) as model:
+        run = apply_sequentially(
+            model,
+            requests,
+            batch_size,
+            on_batch=lambda done, total: log.info("edited %d/%d facts", done, total),
+        )
+        t = time.perf_counter()
+        scores = summarize(score(handle, requests))
+        after_canary = canary(handle, work.canary_prompts, work.canary_objects)
+        after_served = served(handle, requests)
+        after_ppl = perplexity(handle, work.texts)
+        after_known = known_kept(handle, work.known)
+        scoring_seconds = time.perf_counter() - t
     return {
         "algo": algo,
         "batch_size": batch_size,
@@ -356,7 +343,7 @@ def run_bench(
         "facts_per_second": edits / run.seconds if run.seconds > 0 else float("nan"),
         "stats_seconds": run.stats_seconds,
         "scoring_seconds": scoring_seconds,
-        "stage_seconds": {**run.stages, "apply": run.apply_seconds},
+        "stage_seconds": dict(run.stages),
         "batches": run.batches,
         "target_prob_mean": sum(run.target_prob) / len(run.target_prob),
         "target_prob_min": min(run.target_prob),

@@ -92,6 +92,7 @@ def run_speed(
     from editd.editing.model import ModelHandle, resolve_device, resolve_dtype
     from editd.editing.stats import default_budget
     from editd.models.corpus import builtin_world_corpus
+    from editd.versions import VersionedModel
     from editd.world.builtin import builtin_model_dir
     from editd.world.requests import make_requests
 
@@ -114,7 +115,9 @@ def run_speed(
         # Random weights have no text of their own; any fixed corpus measures C0's cost.
         corpus = builtin_world_corpus()
         editor = make_editor(handle, settings, algo, cache_dir=cache, corpus=corpus)
-        run = apply_sequentially(handle, editor, requests, batch_size)
+        # The daemon's apply path on a throw-away store: commit, sha256, swap, preservation.
+        with VersionedModel.temporary(handle, editor) as versioned:
+            run = apply_sequentially(versioned, requests, batch_size)
     d_in = handle.weight(editor.modules[0]).shape[1]
     return {
         "shape": shape,
@@ -131,7 +134,7 @@ def run_speed(
         "seconds": run.seconds,
         "facts_per_second": edits / run.seconds if run.seconds > 0 else float("nan"),
         "batch_seconds": run.batch_seconds,
-        "stage_seconds": {**run.stages, "apply": run.apply_seconds},
+        "stage_seconds": dict(run.stages),
         "target_steps_mean": run.target_steps_mean,
         "peak_device_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "peak_rss_mb": peak_rss_mb(),

@@ -35,16 +35,16 @@ from editd.bench.edit import (
     load_handle,
     make_editor,
     peak_rss_mb,
-    reset,
     score,
 )
-from editd.config import Settings
+from editd.config import SCORE_NAMES, Settings
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, summarize
+from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
 
-METRICS = ("es", "ps", "ns", "s")
+METRICS = SCORE_NAMES
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,12 @@ def run_study(
             seconds = 0.0
             for r in range(plan.repeats(b)):
                 facts = pool[r * b : (r + 1) * b]
-                reset(handle, editor)
-                run = apply_sequentially(handle, editor, facts, b)
-                seconds += run.seconds
-                logprobs += score(handle, facts)
-            # The canary of the last repeat: one batch of b facts, as the point describes.
-            after = canary(handle, prompts, objects)
+                with VersionedModel.temporary(handle, editor) as model:
+                    run = apply_sequentially(model, facts, b)
+                    seconds += run.seconds
+                    logprobs += score(handle, facts)
+                    # The canary of the last repeat: one batch of b facts, as the point says.
+                    after = canary(handle, prompts, objects)
             extra = {"repeats": plan.repeats(b)}
             one_batch[b] = _point("batch", algo, b, logprobs, seconds, after, canary_base, extra)
             land(one_batch[b])
@@ -154,10 +154,9 @@ def run_study(
                 land(point)
                 continue
             facts = pool[:total]
-            reset(handle, editor)
-            run = apply_sequentially(handle, editor, facts, b)
-            land(
-                _point(
+            with VersionedModel.temporary(handle, editor) as model:
+                run = apply_sequentially(model, facts, b)
+                point = _point(
                     "sequential",
                     algo,
                     b,
@@ -167,8 +166,7 @@ def run_study(
                     canary_base,
                     {"batches": run.batches},
                 )
-            )
-        reset(handle, editor)
+            land(point)
 
     return {
         "plan": asdict(plan),

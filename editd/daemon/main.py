@@ -1,10 +1,12 @@
 """`editd run`: the daemon, wired top to bottom.
 
 settings → bind the HTTP socket (fail in milliseconds, not after loading a model) → broker →
-serve /livez while loading → model, store, editor → restore the current version → evaluator →
-consume until a signal. Signals are handled only here: the first SIGTERM/SIGINT stops intake
-and lets the in-flight edit finish (its version becomes durable and its offsets committed);
-a second one exits at once, which is safe too: an edit that was not durable is replayed.
+serve /livez while loading → model, editor → the versioned model restores the current version
+(ready from here) → C0 in the background → evaluator → consume until a signal. Signals are
+handled only here: the first SIGTERM/SIGINT stops intake and lets the in-flight edit finish
+(its version becomes durable and its offsets committed); a second one exits at once, which is
+safe too: an edit that was not durable is replayed. Exit codes name why the daemon stopped
+(`EXIT_*` below; README lists them).
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ from editd.consumers.consumer import BatchFailed, FactConsumer
 from editd.daemon.api import create_app
 from editd.daemon.errors import FatalError, Unavailable
 from editd.daemon.server import HttpServer
-from editd.daemon.service import Canary, EditService
+from editd.daemon.service import Canary, EditService, base_reading, measure
 from editd.facts import FactUpdate
 from editd.monitoring.metrics import Metrics
 
 log = logging.getLogger("editd")
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BIND = 3
+EXIT_FAILURE = 1  # a batch failed in a way the daemon cannot judge (see the log)
+EXIT_BIND = 3  # the HTTP port is taken or not allowed
+EXIT_STORE_LOCKED = 4  # another process holds the edit store (a second daemon?)
+EXIT_STORE_MISMATCH = 5  # the store was made for another model, layers or dtype
+EXIT_RESTORE_FAILED = 6  # the store's current version does not rebuild to its sha256
+EXIT_FATAL = 7  # the served model can no longer be trusted (device error, failed rollback)
 EXIT_INTERRUPTED = 130
 
 PROBE_SEED = 7_919  # the built-in model's probe facts: fixed, so scores compare across runs
@@ -104,10 +110,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except BrokerError as exc:
             log.error("embedded broker: %s", exc)
             return EXIT_FAILURE
-        service = _load(settings, metrics, servers, stack)
+        try:
+            service = _load(settings, metrics, servers, stack)
+        except StoreFailure as exc:
+            log.error("%s", exc)
+            return exc.code
         service_proxy.target = service
+        service.fatal_hook = lambda _error: _stop_consuming(stop, consumer)
         if stop.is_set():
-            return EXIT_OK
+            return EXIT_FATAL if service.fatal else EXIT_OK
         fc = FactConsumer(
             settings.kafka,
             settings.facts,
@@ -130,9 +141,26 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             fc.run()
         except BatchFailed as exc:
             log.error("stopping: %s", exc)
-            return EXIT_FAILURE
+            return EXIT_FATAL if service.fatal else EXIT_FAILURE
+        if service.fatal:
+            log.error("stopped: %s", service.fatal)
+            return EXIT_FATAL
         log.info("stopped cleanly at version %d", service.current_version())
     return EXIT_OK
+
+
+class StoreFailure(Exception):
+    """The edit store cannot be served from; `code` is the exit status that names why."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _stop_consuming(stop: threading.Event, consumer: list[FactConsumer]) -> None:
+    stop.set()
+    for c in consumer:
+        c.stop()
 
 
 def _with_admin_token(settings: Settings) -> Settings:
@@ -156,9 +184,7 @@ def _install_signals(stop: threading.Event, consumer: list[FactConsumer]) -> Non
             # Second signal: exit now. Nothing is lost: what is not durable is replayed.
             os._exit(EXIT_INTERRUPTED)
         log.info("%s: finishing the in-flight batch, then stopping", signal.Signals(signum).name)
-        stop.set()
-        for c in consumer:
-            c.stop()
+        _stop_consuming(stop, consumer)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
@@ -180,14 +206,16 @@ def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
 def _load(
     settings: Settings, metrics: Metrics, servers: list[str], stack: ExitStack
 ) -> EditService:
-    # torch and transformers load here, after the socket and the broker are up.
+    # The model loads here, after the socket and the broker are up (torch itself is imported
+    # with this module, which takes a second or two, not the minutes a model can).
     from editd.editing.editor import Editor, EditorConfig
     from editd.editing.model import ModelHandle
     from editd.models.corpus import stats_corpus
     from editd.models.registry import is_builtin, resolve_model
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline
-    from editd.store.store import EditStore
+    from editd.store.store import StoreError, StoreLocked, StoreMismatch
+    from editd.versions import VersionedModel
 
     path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
     handle = ModelHandle.load(
@@ -210,39 +238,73 @@ def _load(
         corpus=corpus,
         cache_dir=cache_dir,
     )
-    base = {name: handle.weight(name).detach().cpu().clone() for name in editor.modules}
-    store = EditStore(data_dir, snapshot_every=settings.store.snapshot_every)
-    store.open_or_create(base)
-    stack.callback(store.close)
-    log.info("C0 statistics ready in %.1fs", editor.prepare())
-
-    canary, probes = _evaluation_sets(settings, is_builtin(path), handle, cache_dir)
+    try:
+        model = VersionedModel.open(
+            handle,
+            data_dir,
+            editor=editor,
+            snapshot_every=settings.store.snapshot_every,
+            on_change=metrics.model_version.set,
+        )
+    except StoreLocked as exc:
+        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_LOCKED) from exc
+    except StoreMismatch as exc:
+        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_MISMATCH) from exc
+    except StoreError as exc:  # RestoreFailed, StoreCorrupt, VersionNotFound
+        raise StoreFailure(f"edit store: {exc}", EXIT_RESTORE_FAILED) from exc
+    stack.callback(model.close)
+    starting = "the evaluator is starting (scoring the base model)"
     service = EditService(
-        settings, handle, editor, store, metrics, bootstrap_servers=servers, canary=canary
+        settings,
+        model,
+        metrics,
+        bootstrap_servers=servers,
+        checks_off=dict.fromkeys(("applied", "probe", "canary"), starting),
     )
-    # The base model is what the handle serves before `restore`: score it now, so drift is
-    # known from the first evaluation even when the daemon restarts far past version 0.
-    base_scores = service.score([], probes)
-    service.restore()
-    service.publish_rejections()
-    evaluator: Evaluator[FactUpdate] = Evaluator.from_settings(
-        settings.eval,
-        score=service.score,
-        rollback=service.policy_rollback,
-        metrics=metrics,
-        probe_facts=probes,
-        baseline=Baseline(probe=base_scores.probe, canary=base_scores.canary),
-    )
-    service.evaluator = evaluator
-    evaluator.start()
-    stack.callback(evaluator.stop)
+    service.start()
+    stack.callback(service.stop)
+    stack.callback(lambda: service.evaluator.stop() if service.evaluator else None)
+
+    def guards() -> None:
+        canary, probes, off = _evaluation_sets(settings, is_builtin(path), handle, cache_dir)
+        for check, why in off.items():
+            log.warning("the %s check is off: %s", check, why)
+        # The base model's scores, read through the base view whatever version is served,
+        # so drift is known from the first evaluation even far past version 0.
+        base_scores = measure(handle, base_reading(handle), [], probes, canary)
+        evaluator: Evaluator[FactUpdate] = Evaluator.from_settings(
+            settings.eval,
+            score=service.score,
+            rollback=service.policy_rollback,
+            metrics=metrics,
+            probe_facts=probes,
+            baseline=Baseline(probe=base_scores.probe, canary=base_scores.canary),
+            on_evaluation=service.record_evaluation,
+        )
+        # The applied-fact sample as if the evaluator had run throughout, so thresholds hold
+        # from the first evaluation after a restart; under the version lock, so no batch
+        # lands between the rebuild and the hand-over.
+        with model.changing():
+            restored = 0
+            for version, facts in model.live_facts():
+                evaluator.record_version(
+                    version, [FactUpdate.model_validate(f) for f in facts], evaluate=False
+                )
+                restored += len(facts)
+            service.canary = canary
+            service.checks_off = off
+            service.evaluator = evaluator
+        log.info("evaluator on: %d applied facts in its sample", restored)
+        evaluator.start()
+
+    service.prepare_in_background(first=guards)
     return service
 
 
 def _evaluation_sets(
     settings: Settings, builtin: bool, handle: Any, cache_dir: Path
-) -> tuple[Canary | None, list[FactUpdate]]:
-    """Probe facts (must not change) and the canary, from the configured files or the world."""
+) -> tuple[Canary | None, list[FactUpdate], dict[str, str]]:
+    """Probe facts (must not change), the canary, and the checks that are off and why."""
     from editd.consumers.publish import load_facts
 
     probes: list[FactUpdate] = []
@@ -258,8 +320,9 @@ def _evaluation_sets(
         from editd.world.requests import unedited_examples
 
         pairs = unedited_examples(probes, settings.eval.probe_size, seed=PROBE_SEED)
-        return Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs)), probes
-    return _model_canary(handle, cache_dir), probes
+        return Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs)), probes, {}
+    off = {} if probes else {"probe": "no probe set: set eval.probe_file to a facts file"}
+    return _model_canary(handle, cache_dir), probes, off
 
 
 def _model_canary(handle: Any, cache_dir: Path) -> Canary:
@@ -278,7 +341,8 @@ def _model_canary(handle: Any, cache_dir: Path) -> Canary:
         saved = json.loads(path.read_text())
         prompts, answers = saved["prompts"], saved["answers"]
     else:
-        with handle.reading():
+        # The base model's own answers, whatever version is served by now.
+        with handle.reading(), handle.base_view():
             prompts, answers = canary_pairs(handle.model, handle.tokenizer, asked)
         durable.write_bytes(path, json.dumps({"prompts": prompts, "answers": answers}).encode())
     log.info("canary: %d prompts the base model answers itself", len(prompts))

@@ -1,24 +1,30 @@
-"""The daemon's core: one served model, its edit store, and the operations on them.
+"""The daemon's core: one served, versioned model and the operations on it.
 
 `EditService` is what the other parts call: the consumer hands it batches (`apply_batch`),
-the evaluator scores through it (`score`) and rolls back through it (`rollback`), the HTTP API
-serves completions and admin calls through it (it implements `api.Service`). It owns the
-invariants that span those parts:
+the evaluator scores through it (`score`) and rolls back through it (`policy_rollback`), the
+HTTP API serves completions and admin calls through it (it implements `api.Service`). Every
+version change goes through its `VersionedModel` (editd/versions.py), which owns the store, the
+served weights and the editor's preservation; this class decides what a failure means:
 
-- a batch is made durable in the store *before* the served weights change, and the consumer
-  commits offsets only after `apply_batch` returns, so a crash anywhere replays the batch and
-  the store's fact ids make the replay a no-op;
-- the version number changes under the same write lock as the weights, so a response's
-  `x-editd-model-version` names the weights that computed it;
-- edits and rollbacks are serialised by one lock: a rollback never interleaves with a batch.
+- an edit that fails on the facts themselves (a target that cannot be reached, NaNs) rejects
+  the batch into the outbox, so the consumer moves on and nothing is lost;
+- a batch that runs out of memory is split in halves; a device error, or out of memory on one
+  fact, is fatal: the facts are fine, the device is not, and rejecting them would lose them;
+- a failed rollback (automatic or operator) is fatal: the daemon stops being ready and exits
+  with a named code rather than serve weights nobody can vouch for.
+
+The consumer commits offsets only after `apply_batch` returns, and by then the batch is a
+durable version or a durable outbox record: a crash anywhere replays it, and the store's fact
+ids make the replay a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +32,22 @@ import torch
 from prometheus_client import generate_latest
 
 from editd.config import Settings
-from editd.consumers.publish import publish_facts
+from editd.consumers.rejected import OutboxPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound
 from editd.daemon.generation import Completion, Generator, SamplingParams
-from editd.editing.editor import Editor
-from editd.editing.model import ModelHandle
 from editd.editing.scoring import canary_accuracy, score_facts
 from editd.facts import FactUpdate
 from editd.monitoring.evaluator import Evaluator
 from editd.monitoring.metrics import STAGES, Metrics
-from editd.monitoring.policy import Measurement
-from editd.store.cli import publish_pending_rejections
-from editd.store.store import EditStore, StoreError
+from editd.monitoring.policy import Evaluation, Measurement
+from editd.store.store import StoreError
+from editd.versions import Busy, VersionedModel
 
 log = logging.getLogger(__name__)
+
+
+class DeviceError(FatalError):
+    """The accelerator failed (a CUDA error, out of memory on a single fact): not the facts."""
 
 
 @dataclass(frozen=True)
@@ -50,55 +58,100 @@ class Canary:
     objects: tuple[str, ...]
 
 
+@contextlib.contextmanager
+def base_reading(handle: Any) -> Iterator[int]:
+    """Read the base model (version 0) through `handle`, whatever version it serves."""
+    with handle.reading(), handle.base_view():
+        yield 0
+
+
+def measure(
+    handle: Any,
+    reading: contextlib.AbstractContextManager[int],
+    sample: Sequence[FactUpdate],
+    probe: Sequence[FactUpdate],
+    canary: Canary | None,
+) -> Measurement:
+    """Score what `handle` serves inside one `reading` (which yields the version read), so
+    every number describes one version."""
+    with reading as version:
+        m, tok = handle.model, handle.tokenizer
+        applied = score_facts(m, tok, sample) if sample else None
+        probe_scores = score_facts(m, tok, probe)
+        canary_score = (
+            canary_accuracy(m, tok, list(canary.prompts), list(canary.objects)) if canary else None
+        )
+    return Measurement(version=version, applied=applied, probe=probe_scores, canary=canary_score)
+
+
 class EditService:
     def __init__(
         self,
         settings: Settings,
-        handle: ModelHandle,
-        editor: Editor,
-        store: EditStore,
+        model: VersionedModel,
         metrics: Metrics,
         *,
         bootstrap_servers: Sequence[str],
         canary: Canary | None = None,
+        checks_off: dict[str, str] | None = None,
     ) -> None:
+        if model.editor is None:
+            raise ValueError("the editing service needs a versioned model with an editor")
         self.settings = settings
-        self.handle = handle
-        self.editor = editor
-        self.store = store
+        self.model = model
+        self.handle = model.handle
+        self.editor = model.editor
         self.metrics = metrics
         self.bootstrap_servers = list(bootstrap_servers)
         self.canary = canary
+        self.checks_off = dict(checks_off or {})  # check → why it is off
         self.evaluator: Evaluator[FactUpdate] | None = None
         self.consumer_lag: Any = None  # callable returning the lag, set by the daemon
         self.consumer_stats: Any = None  # the consumer's ConsumerStats, set by the daemon
+        self.fatal_hook: Callable[[FatalError], None] | None = None  # the daemon stops on it
+        self.publisher = OutboxPublisher(
+            model.store.outbox, self.bootstrap_servers, settings.kafka.rejected
+        )
         self._exported: dict[str, int] = {}
-        self._version = 0
-        self._ready = False
-        self._edit_lock = threading.Lock()  # one batch or one rollback at a time
         self._fatal: FatalError | None = None
         self._last_rollback: dict[str, Any] | None = None
-        self.generator = Generator(handle, self.current_version)
+        self._editing: dict[str, Any] | None = None  # the batch being edited, for /v1/status
+        self._stats: dict[str, Any] = {"ready": self.editor.prepared, "seconds": None}
+        self.generator = Generator(self.handle, self.current_version)
+        metrics.model_version.set(model.current)
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def restore(self) -> int:
-        """Serve the store's current version and rebuild the editor's preservation from it."""
-        self._ready = False
-        with self._edit_lock:
-            current = self.store.current
-            pause = self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(current))
-            mismatched = self.store.verify(current) if current else []
-            if mismatched:
-                raise FatalError(f"restored weights differ from the manifest: {mismatched}")
-            self.editor.reset_to(keys for _, keys in self.store.keys_by_version())
-        log.info("serving version %d (swap %.1f ms)", current, pause * 1e3)
-        self._ready = True
-        return current
+    def prepare_in_background(self, first: Callable[[], None] | None = None) -> threading.Thread:
+        """Compute C0 while serving (after `first`, the daemon's evaluation guards): the
+        daemon is ready before, and only the first edit waits for it (`/v1/status` shows
+        `stats.ready`)."""
 
-    def _set(self, version: int) -> None:
-        self._version = version
-        self.metrics.model_version.set(version)
+        def run() -> None:
+            if first is not None:
+                try:
+                    first()
+                except Exception:
+                    log.exception("starting the evaluation guards failed; the checks stay off")
+            try:
+                seconds = self.editor.prepare()
+            except Exception as exc:
+                log.exception("C0 statistics failed")
+                self._stats = {"ready": False, "seconds": None, "error": str(exc)}
+                return
+            self._stats = {"ready": True, "seconds": round(seconds, 3)}
+            log.info("C0 statistics ready in %.1fs", seconds)
+
+        thread = threading.Thread(target=run, name="editd-prepare", daemon=True)
+        thread.start()
+        return thread
+
+    def start(self) -> None:
+        """Start the rejected-facts publisher (it drains what an earlier run left too)."""
+        self.publisher.start()
+
+    def stop(self) -> None:
+        self.publisher.stop()
 
     # -- api.Service --------------------------------------------------------------------------
 
@@ -107,10 +160,10 @@ class EditService:
         return self.settings.model.name
 
     def current_version(self) -> int:
-        return self._version
+        return self.model.current
 
     def is_ready(self) -> bool:
-        return self._ready and self._fatal is None
+        return self._fatal is None
 
     def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
         completion = self.generator.complete(prompts, params)
@@ -119,18 +172,17 @@ class EditService:
         return completion
 
     def versions(self) -> list[dict[str, Any]]:
-        return [v.to_json() for v in self.store.versions()]
+        return self.model.versions()
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
         """An operator's rollback (API or CLI through the API)."""
-        if not self._edit_lock.acquire(timeout=0.5):
-            raise Conflict("an edit or rollback is in progress; try again when it is done")
         try:
-            if version not in self.store.lineage():
-                raise NotFound(f"version {version} is not in the live lineage")
-            result = self._rollback_locked(version, f"operator: {reason}")
-        finally:
-            self._edit_lock.release()
+            with self.model.changing(timeout=0.5):
+                if version not in self.model.lineage():
+                    raise NotFound(f"version {version} is not in the live lineage")
+                result = self._rollback_locked(version, f"operator: {reason}")
+        except Busy as exc:
+            raise Conflict(str(exc)) from exc
         self.metrics.rollbacks.labels(reason="operator").inc()
         if self.evaluator is not None:
             self.evaluator.rolled_back(version)
@@ -151,6 +203,8 @@ class EditService:
         for field, counter in (
             ("consumed", self.metrics.facts_consumed),
             ("dead_lettered", self.metrics.facts_dead_lettered),
+            ("folded", self.metrics.facts_folded),
+            ("broker_errors", self.metrics.broker_errors),
         ):
             now = getattr(stats, field)
             counter.inc(max(0, now - self._exported.get(field, 0)))
@@ -159,12 +213,21 @@ class EditService:
     def status(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
-            "version": self._version,
+            "version": self.model.current,
             "ready": self.is_ready(),
+            "fatal": str(self._fatal) if self._fatal else None,
+            "editing": self._editing,
             "consumer_lag": self.consumer_lag() if self.consumer_lag else None,
             "last_rollback": self._last_rollback,
             # What is served right now, to compare with the store's manifests (exact rollback).
-            "served_sha256": self.handle.weight_sha256(self.editor.modules),
+            "served_sha256": self.model.served_sha256(),
+            "stats": dict(self._stats),
+            "checks": {
+                check: {"on": check not in self.checks_off, "why": self.checks_off.get(check)}
+                for check in ("applied", "probe", "canary")
+            },
+            "rejected_pending": self.model.store.outbox.facts_pending(),
+            "consumer": _consumer_counts(self.consumer_stats),
             "evaluation": self.evaluator.status() if self.evaluator else None,
         }
 
@@ -177,163 +240,165 @@ class EditService:
         self.metrics.observe_request(route, status, seconds)
 
     def on_fatal(self, error: FatalError) -> None:
-        log.critical("fatal: %s; no longer ready", error)
-        self._fatal = error
+        if self._fatal is None:
+            log.critical("fatal: %s; no longer ready", error)
+            self._fatal = error
+        if self.fatal_hook is not None:
+            self.fatal_hook(error)
+
+    @property
+    def fatal(self) -> FatalError | None:
+        return self._fatal
 
     # -- the consumer's side --------------------------------------------------------------
 
     def known_fact_ids(self, ids: Sequence[str]) -> set[str]:
-        applied = self.store.applied_fact_ids()
+        applied = self.model.applied_fact_ids()
         return {i for i in ids if i in applied}
 
     def apply_batch(self, batch: Sequence[FactUpdate]) -> None:
-        """Edit, make durable, then serve; returns once the version is in the store.
-
-        A batch the editor cannot apply (a fact whose edit fails, out of memory on a single
-        fact) is published to the rejected topic with the error instead of stopping the
-        consumer: otherwise the same poison batch would be redelivered after every restart.
-        A batch that runs out of memory is split in halves first.
+        """Edit, make durable, then serve; returns once the version (or the rejection) is on
+        disk. Raises `FatalError` (and stops being ready) when the device, not the batch, failed.
         """
-        with self._edit_lock:
-            applied = self.store.applied_fact_ids()
-            facts = [f for f in batch if f.fact_id not in applied]
-            offsets = dict(getattr(batch, "offsets", {}))
-            if facts:
-                self._apply_locked(facts, offsets)
+        try:
+            with self.model.changing():
+                applied = self.model.applied_fact_ids()
+                facts = [f for f in batch if f.fact_id not in applied]
+                offsets = dict(getattr(batch, "offsets", {}))
+                if facts:
+                    self._editing = {"facts": len(facts), "since": time.time()}
+                    self._apply_locked(facts, offsets)
+        except FatalError as exc:
+            self.on_fatal(exc)
+            raise
+        finally:
+            self._editing = None
 
     def _apply_locked(self, facts: list[FactUpdate], offsets: dict[Any, int]) -> None:
         log.info("editing batch of %d facts", len(facts))
         start = time.perf_counter()
         try:
+            self.editor.prepare()
+        except Exception as exc:
+            raise FatalError(f"C0 statistics failed, nothing can be edited: {exc}") from exc
+        try:
             update = self.editor.compute_update(facts)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
             if len(facts) == 1:
-                self._reject(facts, "edit failed: out of memory on a single fact")
-                return
+                raise DeviceError(f"out of memory editing a single fact: {exc}") from exc
             log.warning("out of memory editing %d facts; splitting the batch", len(facts))
+            _free_device_memory()
             half = len(facts) // 2
             self._apply_locked(facts[:half], offsets)
             self._apply_locked(facts[half:], offsets)
             return
         except (ValueError, RuntimeError) as exc:
+            if is_device_error(exc):
+                raise DeviceError(f"the device failed while editing: {exc}") from exc
             log.error("edit of %d facts failed: %s", len(facts), exc)
             self._reject(facts, f"edit failed: {exc}")
             return
         seconds = dict(update.diagnostics.get("seconds", {}))  # type: ignore[call-overload]
-        t = time.perf_counter()
-        info = self.store.commit(
+        applied = self.model.apply(
             update,
-            facts=[f.model_dump(mode="json") for f in facts],
+            facts,
             offsets=offsets,
             timings=seconds,
-            diagnostics=_jsonable({k: v for k, v in update.diagnostics.items() if k != "seconds"}),
+            diagnostics={k: v for k, v in update.diagnostics.items() if k != "seconds"},
         )
-        store_s = time.perf_counter() - t
-        t = time.perf_counter()
-        version = info.version
-        pause = self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(version))
-        seconds["apply"] = time.perf_counter() - t
-        self.editor.commit(update)
+        seconds.update(applied.seconds)
         total = time.perf_counter() - start
         for stage in STAGES:
             if stage in seconds:
                 self.metrics.edit_stage_seconds.labels(stage=stage).observe(seconds[stage])
         self.metrics.batch_edit_seconds.observe(total)
-        self.metrics.swap_pause_seconds.observe(pause)
+        self.metrics.swap_pause_seconds.observe(applied.pause)
         self.metrics.facts_applied.inc(len(facts))
+        version = applied.version.version
+        self.metrics.model_version.set(version)
         log.info(
             "version %d: %d facts in %.1fs (store %.2fs, swap pause %.1f ms)",
             version,
             len(facts),
             total,
-            store_s,
-            pause * 1e3,
+            applied.seconds["store"],
+            applied.pause * 1e3,
         )
         if self.evaluator is not None:
             self.evaluator.record_version(version, facts)
 
     def _reject(self, facts: Sequence[FactUpdate], reason: str) -> None:
-        """Facts that were never applied: to the rejected topic, so nothing is lost.
-
-        Waits for every acknowledgement; a send that fails raises, the batch fails and the
-        consumer delivers it again rather than committing past facts that went nowhere.
-        """
-        publish_facts(
-            facts,
-            self.bootstrap_servers,
-            self.settings.kafka.rejected,
-            headers=lambda f: [
-                ("reason", reason[:1000].encode()),
-                ("version", b"none"),
-                ("fact_id", f.fact_id.encode()),
-            ],
-        )
+        """Facts that were never applied: durably into the outbox, published from there."""
+        self.model.reject(facts, reason)
         self.metrics.facts_rejected.inc(len(facts))
 
     # -- the evaluator's side -------------------------------------------------------------
 
     def score(self, sample: Sequence[FactUpdate], probe: Sequence[FactUpdate]) -> Measurement:
-        """Score one version: everything is read under a single read lock."""
-        model, tokenizer = self.handle.model, self.handle.tokenizer
-        with self.handle.reading():
-            version = self._version
-            applied = score_facts(model, tokenizer, sample) if sample else None
-            probe_scores = score_facts(model, tokenizer, probe)
-            canary = (
-                canary_accuracy(
-                    model, tokenizer, list(self.canary.prompts), list(self.canary.objects)
-                )
-                if self.canary
-                else None
-            )
-        return Measurement(version=version, applied=applied, probe=probe_scores, canary=canary)
+        return measure(self.handle, self.model.reading(), sample, probe, self.canary)
+
+    def record_evaluation(self, evaluation: Evaluation) -> None:
+        """Keep the scores in the version they judged (`editd checkpoints` shows them)."""
+        self.model.record_scores(evaluation.version, evaluation.as_dict())
 
     def policy_rollback(self, version: int, reason: str) -> None:
-        """The evaluator's rollback: it counts the metric and forgets the undone facts itself."""
-        with self._edit_lock:
-            self._rollback_locked(version, reason)
+        """The evaluator's rollback: it counts the metric and forgets the undone facts itself.
+        A rollback that fails is fatal (the daemon stops), not a log line."""
+        try:
+            with self.model.changing():
+                self._rollback_locked(version, reason)
+        except FatalError as exc:
+            self.on_fatal(exc)
+            raise
 
     def _rollback_locked(self, version: int, reason: str) -> dict[str, Any]:
-        undone_from = self._version
         # No "not ready" window: the swap is atomic under the write lock, so requests served
         # meanwhile see the old version or the restored one, never a failure.
         try:
-            facts = self.store.rollback(version, reason)
-            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(version))
-            self.editor.reset_to(keys for _, keys in self.store.keys_by_version())
+            rolled = self.model.rollback(version, reason)
         except StoreError as exc:
             raise FatalError(f"rollback to {version} failed: {exc}") from exc
-        self.metrics.facts_rejected.inc(len(facts))
-        published = self.publish_rejections()
+        self.metrics.model_version.set(version)
+        self.metrics.facts_rejected.inc(rolled.facts)
         self._last_rollback = {
-            "from": undone_from,
+            "from": rolled.from_version,
             "to": version,
             "reason": reason,
-            "facts": len(facts),
-            "published": published,
+            "facts": rolled.facts,
             "at": time.time(),
         }
         log.warning(
-            "rolled back %d → %d (%s): %d facts rejected", undone_from, version, reason, len(facts)
+            "rolled back %d → %d (%s): %d facts rejected",
+            rolled.from_version,
+            version,
+            reason,
+            rolled.facts,
         )
         return dict(self._last_rollback)
 
-    def publish_rejections(self) -> int:
-        """Publish undone facts to the rejected topic; what fails stays pending for later."""
-        return publish_pending_rejections(
-            self.store, self.bootstrap_servers, self.settings.kafka.rejected
-        )
+
+def _consumer_counts(stats: Any) -> dict[str, Any] | None:
+    """The consumer's plain counters for `/v1/status` (what Prometheus does not carry)."""
+    if stats is None:
+        return None
+    out = {k: v for k, v in vars(stats).items() if k != "lag_by_partition"}
+    out["lag_by_partition"] = {f"{t}/{p}": n for (t, p), n in stats.lag_by_partition.items()}
+    return out
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        value = value._asdict()
-    elif hasattr(value, "__dataclass_fields__"):
-        value = {k: getattr(value, k) for k in value.__dataclass_fields__}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
-    return str(value)
+def is_device_error(exc: BaseException) -> bool:
+    """Whether `exc` is the accelerator failing rather than the computation being wrong."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(exc, accelerator):
+        return True
+    text = str(exc)
+    return any(
+        s in text for s in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "HIP error")
+    )
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -83,6 +83,7 @@ def profile_model(
     from editd.editing.model import ModelHandle
     from editd.editing.scoring import canary_pairs, harmonic_mean, summarize
     from editd.monitoring.canary import canary_prompts
+    from editd.versions import VersionedModel
 
     handle = ModelHandle.load(
         model_dir,
@@ -125,10 +126,11 @@ def profile_model(
         run_settings = settings.model_copy(update={"editing": editing})
         torch.manual_seed(seed)
         editor = make_editor(handle, run_settings, algo)
-        # The benchmarks' apply path, from the base weights: one batch, the whole grid point.
-        run = apply_sequentially(handle, editor, batch, len(batch))
-        after = summarize(score(handle, batch))
-        kept = canary(handle, prompts, answers)
+        # The daemon's apply path on a throw-away store, from the base weights: one batch.
+        with VersionedModel.temporary(handle, editor) as model:
+            run = apply_sequentially(model, batch, len(batch))
+            after = summarize(score(handle, batch))
+            kept = canary(handle, prompts, answers)
         ns_rel = min(1.0, after.ns / base.ns) if base.ns > 0 else 0.0
         row = {
             "layers": layers,
@@ -145,7 +147,6 @@ def profile_model(
         }
         log.info("profile point %s", row)
         grid.append(row)
-    handle.reset()
     best = max(grid, key=lambda r: r["objective"])
     digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()[:16]
     return {

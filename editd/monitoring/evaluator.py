@@ -40,7 +40,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from editd.config import EvalSettings
+from editd.config import SCORE_NAMES, EvalSettings
 from editd.monitoring.metrics import Metrics
 from editd.monitoring.policy import (
     Baseline,
@@ -153,6 +153,7 @@ class Evaluator(Generic[F]):
         seed: int = 0,
         history_size: int = 256,
         clock: Callable[[], float] = time.time,
+        on_evaluation: Callable[[Evaluation], object] | None = None,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
@@ -166,6 +167,7 @@ class Evaluator(Generic[F]):
         self.after_each_version = after_each_version
         self._baseline = baseline
         self._clock = clock
+        self._on_evaluation = on_evaluation
 
         # `_state` guards the fields below it; `_run` serialises evaluations (scheduled,
         # triggered and synchronous) without holding `_state` while the model is scored.
@@ -195,6 +197,7 @@ class Evaluator(Generic[F]):
         metrics: Metrics,
         probe_facts: Sequence[F],
         baseline: Baseline | None = None,
+        on_evaluation: Callable[[Evaluation], object] | None = None,
     ) -> Evaluator[F]:
         return cls(
             score=score,
@@ -206,6 +209,7 @@ class Evaluator(Generic[F]):
             interval_seconds=settings.interval_seconds,
             after_each_version=settings.after_each_version,
             baseline=baseline,
+            on_evaluation=on_evaluation,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -382,6 +386,13 @@ class Evaluator(Generic[F]):
                 decision = should_roll_back(list(self._history), self.policy, self._verdicts)
 
             self._log(evaluation, decision)
+            if self._on_evaluation is not None:
+                try:
+                    self._on_evaluation(evaluation)
+                except Exception:
+                    log.exception(
+                        "recording the evaluation of version %d failed", evaluation.version
+                    )
             if decision.roll_back:
                 self._act(decision)
             return evaluation
@@ -476,4 +487,4 @@ _NO_SCORES = _Undefined()
 
 
 def _fmt(scores: object) -> str:
-    return " ".join(f"{n}={getattr(scores, n):.3f}" for n in ("es", "ps", "ns", "s"))
+    return " ".join(f"{n}={getattr(scores, n):.3f}" for n in SCORE_NAMES)

@@ -16,12 +16,16 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from editd.config import SCORE_NAMES
+
 NAMESPACE = "editd"
 
 # Label values, fixed sets (the only values the daemon may use).
 SETS = ("applied", "probe")
-SCORES = ("es", "ps", "ns", "s")
-STAGES = ("stats", "keys", "targets", "solve", "apply")
+SCORES = SCORE_NAMES
+# Stages of one batch: C0 (first batch only), keys, targets, solve, the post-edit check, the
+# durable commit to the store (sha256, fsync) and the swap into the served weights.
+STAGES = ("stats", "keys", "targets", "solve", "check", "store", "apply")
 EVALUATION_OUTCOMES = ("passed", "failed", "error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # A rollback's reason: the policy check that failed first (`<set>_<score>`, `canary`), or

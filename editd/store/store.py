@@ -7,8 +7,10 @@ Layout under `data_dir` (DESIGN.md §4):
     base/base.safetensors            base values of the edited tensors, exact dtype, kept once
     versions/000000/manifest.json    version 0: the base model (sha256 of its tensors)
     versions/000007/update.safetensors   `<module>.left|right|keys`, float32
-    versions/000007/manifest.json    parent, facts, offsets, timings, diagnostics, state, sha256
+    versions/000007/manifest.json    a `Version` (store/version.py): parent, facts, offsets,
+                                     timings, diagnostics, state, sha256, scores
     snapshots/000010.safetensors     accumulated float32 update D_v every `snapshot_every` versions
+    outbox/                          facts never to be served, until published (store/outbox.py)
 
 The set of edited modules is fixed when the store is created: every manifest then fingerprints
 the same tensors, so any two versions compare. A daemon restarted with other layers, another
@@ -19,13 +21,14 @@ Crash safety. A version is written into `versions/.tmp-000007/` (each file fsync
 directory), renamed to `versions/000007`, and becomes live only when `CURRENT` is replaced
 (temp, fsync, rename, directory fsync). A crash leaves `CURRENT` at v−1 or at v. On open, temp
 files are removed, and a version directory outside the live lineage that is not marked undone
-(a commit that never reached `CURRENT`) is deleted; a rollback that crashed after marking
-versions undone but before moving `CURRENT` is reverted (the marks are cleared).
+(a commit that never reached `CURRENT`) is deleted; a rollback that crashed after queueing its
+facts in the outbox or marking versions undone, but before moving `CURRENT`, is reverted (the
+records are dropped, the marks cleared).
 
-Exactness. D_v = D_{v−1} + left_v @ right_v, each product expanded by `weights.lowrank_product`
+Exactness. D_v = D_{v−1} + left_v @ right_v, each product expanded by `lowrank.lowrank_product`
 from the stored float32 factors in a fixed order, so D_v has the same bits whether it is rebuilt
 from the base or from a snapshot, on any machine. The served weight is
-`weights.served_weight(base, D_v)`, the formula the model handle uses too; each manifest records
+`lowrank.served_weight(base, D_v)`, the formula the model handle uses too; each manifest records
 its sha256, and a rollback is checked against it.
 
 Nothing is ever unpickled: tensors are safetensors, metadata is JSON.
@@ -40,8 +43,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,12 +54,10 @@ from safetensors.torch import save_file
 
 from editd import durable
 from editd.lowrank import EditUpdate, accumulate, served_weight, tensor_sha256
+from editd.store.outbox import Outbox, Rejected, version_record_id
+from editd.store.version import FORMAT, Undo, Version, VersionState
 
 log = logging.getLogger(__name__)
-
-FORMAT = 1
-STATE_COMMITTED = "committed"
-STATE_UNDONE = "undone"
 
 _VERSION_DIR = re.compile(r"^\d{6}$")
 _UPDATE_FILE = "update.safetensors"
@@ -84,63 +84,8 @@ class StoreCorrupt(StoreError):
     """A committed file is missing or unreadable: the store needs an operator."""
 
 
-@dataclass(frozen=True)
-class VersionInfo:
-    """One version as listed by `EditStore.versions()` and returned by `commit`."""
-
-    version: int
-    parent: int | None
-    created: str
-    n_facts: int
-    state: str  # "committed" (in the live lineage) or "undone"
-    current: bool
-    scores: dict[str, Any] | None = None
-    undone_reason: str | None = None
-    rejected_pending: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "parent": self.parent,
-            "created": self.created,
-            "facts": self.n_facts,
-            "state": self.state,
-            "current": self.current,
-            "scores": self.scores,
-            "undone_reason": self.undone_reason,
-            "rejected_pending": self.rejected_pending,
-        }
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Facts of one undone version still to be published to the rejected topic."""
-
-    version: int
-    to_version: int
-    reason: str
-    facts: list[dict[str, Any]]
-
-
-def rejected_messages(rejection: Rejection) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
-    """Kafka records (key, value, headers) for the rejected topic, one per fact.
-
-    The value is the fact record itself, so a producer can fix and republish it; key = subject
-    as on the fact topic; headers say why and from which version. The daemon and `editd
-    rollback` both publish these, so consumers of `<topic>.rejected` see one format.
-    """
-    out = []
-    for fact in rejection.facts:
-        headers = [
-            ("reason", rejection.reason.encode()),
-            ("version", str(rejection.version).encode()),
-            ("rolled_back_to", str(rejection.to_version).encode()),
-            ("fact_id", str(fact["id"]).encode()),
-        ]
-        key = str(fact.get("subject", "")).encode()
-        value = json.dumps(fact, ensure_ascii=False, separators=(",", ":")).encode()
-        out.append((key, value, headers))
-    return out
+class VersionNotFound(StoreError):
+    """No version of that number exists (live or undone)."""
 
 
 class EditStore:
@@ -152,8 +97,11 @@ class EditStore:
         store.open_or_create(base)          # base: {module name: weight as served at version 0}
         handle.set_deltas(store.deltas())   # restore CURRENT
         ...
-        info = store.commit(update, facts, offsets, timings, diagnostics)
+        version = store.commit(update, facts, offsets, timings, diagnostics)
         handle.set_deltas(store.deltas())
+
+    (`editd.versions.VersionedModel` is the one caller that does this; it also keeps the
+    editor's preservation in step.)
 
     Commit the version before applying it to the served model, so that a served version always
     exists on disk. Always apply `store.deltas()` (not a product computed elsewhere): its bits
@@ -174,7 +122,8 @@ class EditStore:
         self._opened = False
         self._current = 0
         self._max_version = 0
-        self._manifests: dict[int, dict[str, Any]] = {}
+        self._manifests: dict[int, Version] = {}
+        self.outbox = Outbox(self.root / "outbox")
         self._base: dict[str, torch.Tensor] | None = None
         self._base_meta: dict[str, dict[str, Any]] = {}
         # D of one version (normally the head), so a commit adds one product, not a replay.
@@ -230,21 +179,12 @@ class EditStore:
             _write_safetensors(
                 self._base_file, tensors, {"format": str(FORMAT), "modules": json.dumps(meta)}
             )
-            manifest = {
-                "format": FORMAT,
-                "version": 0,
-                "parent": None,
-                "created": _now(),
-                "state": STATE_COMMITTED,
-                "fact_ids": [],
-                "facts": [],
-                "offsets": {},
-                "timings": {},
-                "diagnostics": {},
-                "modules": {},
-                "sha256": {name: m["sha256"] for name, m in meta.items()},
-                "scores": None,
-            }
+            manifest = Version(
+                version=0,
+                parent=None,
+                created=_now(),
+                sha256={name: m["sha256"] for name, m in meta.items()},
+            )
             self._write_version_dir(0, manifest, update=None)
             durable.write_bytes(self.root / "CURRENT", b"0\n")
             self._opened = True
@@ -319,14 +259,14 @@ class EditStore:
         self._require_open()
         return {name: m["sha256"] for name, m in self._base_meta.items()}
 
-    def manifest(self, version: int | None = None) -> dict[str, Any]:
-        """A copy of a version's manifest (live or undone)."""
+    def version(self, version: int | None = None) -> Version:
+        """The record of a version (live or undone); the live one by default."""
         with self._lock:
             self._require_open()
             v = self._current if version is None else version
             if v not in self._manifests:
-                raise KeyError(f"no version {v}")
-            return json.loads(json.dumps(self._manifests[v]))
+                raise VersionNotFound(f"no version {v} in the edit store at {self.root}")
+            return self._manifests[v]
 
     def lineage(self, version: int | None = None) -> list[int]:
         """Versions from 0 to `version` (default: the live one) along parent links."""
@@ -336,39 +276,37 @@ class EditStore:
             chain: list[int] = []
             while v is not None:
                 if v not in self._manifests:
-                    raise KeyError(f"no version {v}")
+                    raise VersionNotFound(f"no version {v} in the edit store at {self.root}")
                 chain.append(v)
-                v = self._manifests[v]["parent"]
+                v = self._manifests[v].parent
             return chain[::-1]
 
-    def versions(self) -> list[VersionInfo]:
+    def versions(self) -> list[Version]:
         """Every version on disk, oldest first, undone ones included."""
         with self._lock:
             self._require_open()
-            return [self._info(v) for v in sorted(self._manifests)]
+            return [self._manifests[v] for v in sorted(self._manifests)]
+
+    def listing(self) -> list[dict[str, Any]]:
+        """`Version.summary` of every version, oldest first: what operators are shown."""
+        with self._lock:
+            pending = self.outbox.ids()
+            return [
+                v.summary(
+                    current=v.version == self._current,
+                    rejected_pending=version_record_id(v.version) in pending,
+                )
+                for v in self.versions()
+            ]
 
     def expected_sha256(self, version: int | None = None) -> dict[str, str]:
         """sha256 of every edited tensor as served at `version`, from its manifest."""
-        return dict(self.manifest(version)["sha256"])
+        return dict(self.version(version).sha256)
 
     def applied_fact_ids(self) -> set[str]:
         """Ids of the facts in the live lineage: a replayed batch is recognised by these."""
         with self._lock:
-            return {f for v in self.lineage() for f in self._manifests[v]["fact_ids"]}
-
-    def committed_offsets(self) -> dict[str, int]:
-        """Per "topic/partition", the next offset after everything any version consumed.
-
-        Undone versions count too: their facts were consumed and went to the rejected topic, so
-        a restart must not read them again as new facts.
-        """
-        with self._lock:
-            self._require_open()
-            out: dict[str, int] = {}
-            for manifest in self._manifests.values():
-                for key, offset in manifest["offsets"].items():
-                    out[key] = max(out.get(key, offset), offset)
-            return out
+            return {f for v in self.lineage() for f in self._manifests[v].fact_ids}
 
     def keys_by_version(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
         """The keys (d_in, b) of every version in the live lineage, oldest first: the editor
@@ -377,18 +315,6 @@ class EditStore:
             out = []
             for v in self.lineage()[1:]:
                 out.append((v, self._read_update(v, parts=("keys",))["keys"]))
-            return out
-
-    def pending_rejections(self) -> list[Rejection]:
-        """Undone versions whose facts are not yet on the rejected topic, oldest first."""
-        with self._lock:
-            self._require_open()
-            out = []
-            for v in sorted(self._manifests):
-                m = self._manifests[v]
-                if m["state"] == STATE_UNDONE and m.get("rejected_pending"):
-                    undone = m["undone"]
-                    out.append(Rejection(v, undone["to_version"], undone["reason"], m["facts"]))
             return out
 
     # ------------------------------------------------------------------ tensors
@@ -457,7 +383,7 @@ class EditStore:
         offsets: Mapping[Any, int],
         timings: Mapping[str, float] | None = None,
         diagnostics: Mapping[str, Any] | None = None,
-    ) -> VersionInfo:
+    ) -> Version:
         """Write `update` as a new version on top of the live one and make it live, atomically.
 
         `facts` are fact dicts (or pydantic models) with an "id"; `offsets` maps
@@ -489,21 +415,17 @@ class EditStore:
                 name: tensor_sha256(served_weight(t, new[name]) if name in new else t)
                 for name, t in sorted(base.items())
             }
-            manifest = {
-                "format": FORMAT,
-                "version": version,
-                "parent": parent,
-                "created": _now(),
-                "state": STATE_COMMITTED,
-                "fact_ids": fact_ids,
-                "facts": fact_dicts,
-                "offsets": _offset_dict(offsets),
-                "timings": _jsonable(dict(timings or {})),
-                "diagnostics": _jsonable({**update.diagnostics, **(diagnostics or {})}),
-                "modules": modules,
-                "sha256": sha,
-                "scores": None,
-            }
+            manifest = Version(
+                version=version,
+                parent=parent,
+                created=_now(),
+                facts=tuple(fact_dicts),
+                offsets=_offset_dict(offsets),
+                timings=_jsonable(dict(timings or {})),
+                diagnostics=_jsonable({**update.diagnostics, **(diagnostics or {})}),
+                modules=modules,
+                sha256=sha,
+            )
             self._write_version_dir(version, manifest, update=tensors)
             self._max_version = version
             durable.write_bytes(self.root / "CURRENT", f"{version}\n".encode())
@@ -512,66 +434,68 @@ class EditStore:
             self._delta_cache = (version, new)
             if (len(self.lineage(version)) - 1) % self.snapshot_every == 0:
                 self._write_snapshot(version, new)
-            return self._info(version)
+            return manifest
 
-    def rollback(self, to_version: int, reason: str) -> list[dict[str, Any]]:
+    def rollback(self, to_version: int, reason: str) -> list[Rejected]:
         """Make `to_version` (an ancestor of the live version) live again.
 
-        The versions after it are kept on disk, marked undone with `reason`, and flagged
-        `rejected_pending` until `mark_rejections_published` is called for them. Returns their
-        facts, oldest version first: the caller publishes them to the rejected topic.
+        The versions after it are kept on disk, marked undone with `reason`; their facts go to
+        the outbox first (one record per version, oldest first, returned), so by the time the
+        rollback is live nothing it undid can be lost.
         """
         with self._lock:
             self._require_writable()
             chain = self.lineage()
             if to_version not in chain:
-                state = self._manifests.get(to_version, {}).get("state")
-                why = "is undone" if state == STATE_UNDONE else "does not exist"
-                raise StoreError(f"cannot roll back to version {to_version}: it {why}")
+                if to_version not in self._manifests:
+                    raise VersionNotFound(
+                        f"cannot roll back to version {to_version}: no such version"
+                    )
+                raise StoreError(f"cannot roll back to version {to_version}: it is undone")
             undone = chain[chain.index(to_version) + 1 :]
             if not undone:
                 return []
             at = _now()
+            records = [
+                Rejected(
+                    id=version_record_id(v),
+                    kind="rolled_back",
+                    reason=reason,
+                    facts=self._manifests[v].facts,
+                    created=at,
+                    version=v,
+                    rolled_back_to=to_version,
+                )
+                for v in undone
+                if self._manifests[v].facts
+            ]
+            # Outbox, then the marks, then CURRENT: a crash before CURRENT moves reverts the
+            # marks and drops the records on open (_load_manifests), so the rollback did not
+            # happen and nobody hears that it did.
+            for record in records:
+                self.outbox.put(record)
             for v in reversed(undone):
-                m = dict(self._manifests[v])
-                m["state"] = STATE_UNDONE
-                m["undone"] = {
-                    "at": at,
-                    "reason": reason,
-                    "to_version": to_version,
-                    "from_version": self._current,
-                }
-                m["rejected_pending"] = bool(m["facts"])
+                m = self._manifests[v].replace(
+                    state=VersionState.UNDONE,
+                    undone=Undo(
+                        at=at, reason=reason, to_version=to_version, from_version=self._current
+                    ),
+                )
                 self._write_manifest(v, m)
                 self._manifests[v] = m
             durable.write_bytes(self.root / "CURRENT", f"{to_version}\n".encode())
             log.warning("rolled back from version %d to %d: %s", self._current, to_version, reason)
             self._current = to_version
             self._delta_cache = None
-            return [f for v in undone for f in self._manifests[v]["facts"]]
-
-    def mark_rejections_published(self, versions: Iterable[int]) -> None:
-        """Record that the facts of these undone versions are on the rejected topic."""
-        with self._lock:
-            self._require_writable()
-            for v in versions:
-                m = dict(self._manifests[v])
-                if m["state"] != STATE_UNDONE or not m.get("rejected_pending"):
-                    continue
-                m["rejected_pending"] = False
-                m["rejected_published"] = _now()
-                self._write_manifest(v, m)
-                self._manifests[v] = m
+            return records
 
     def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
         """Store an evaluation's scores in a version's manifest (atomically replaced)."""
         with self._lock:
             self._require_writable()
             if version not in self._manifests:
-                raise KeyError(f"no version {version}")
-            m = dict(self._manifests[version])
-            m["scores"] = _jsonable(dict(scores))
-            m["scored"] = _now()
+                raise VersionNotFound(f"no version {version} in the edit store at {self.root}")
+            m = self._manifests[version].replace(scores=_jsonable(dict(scores)), scored=_now())
             self._write_manifest(version, m)
             self._manifests[version] = m
 
@@ -599,20 +523,6 @@ class EditStore:
                 f"the edit store at {self.root} is in use by another process (a running daemon?)"
             ) from None
         self._lock_fd = fd
-
-    def _info(self, v: int) -> VersionInfo:
-        m = self._manifests[v]
-        return VersionInfo(
-            version=v,
-            parent=m["parent"],
-            created=m["created"],
-            n_facts=len(m["fact_ids"]),
-            state=m["state"],
-            current=v == self._current,
-            scores=m.get("scores"),
-            undone_reason=(m.get("undone") or {}).get("reason"),
-            rejected_pending=bool(m.get("rejected_pending")),
-        )
 
     def _read_base_meta(self) -> dict[str, dict[str, Any]]:
         try:
@@ -643,7 +553,8 @@ class EditStore:
                 )
 
     def _remove_temporaries(self) -> None:
-        for parent in (self.root, self._versions_dir, self._snapshots_dir, self._base_file.parent):
+        dirs = (self.root, self._versions_dir, self._snapshots_dir, self._base_file.parent)
+        for parent in (*dirs, self.outbox.root):
             if not parent.is_dir():
                 continue
             subdirs = [p for p in parent.iterdir() if parent == self._versions_dir and p.is_dir()]
@@ -657,19 +568,22 @@ class EditStore:
             current = int((self.root / "CURRENT").read_text().strip())
         except ValueError as exc:
             raise StoreCorrupt(f"{self.root / 'CURRENT'} does not hold a version: {exc}") from exc
-        manifests: dict[int, dict[str, Any]] = {}
+        manifests: dict[int, Version] = {}
         for vdir in sorted(self._versions_dir.iterdir()):
             if not _VERSION_DIR.match(vdir.name):
                 continue
             v = int(vdir.name)
             try:
-                m = json.loads((vdir / _MANIFEST_FILE).read_text(encoding="utf-8"))
-                if m.get("version") != v:
-                    raise ValueError(f"manifest names version {m.get('version')}")
-            except (OSError, ValueError) as exc:
+                raw = json.loads((vdir / _MANIFEST_FILE).read_text(encoding="utf-8"))
+                m = Version.from_manifest(raw)
+                if m.version != v:
+                    raise ValueError(f"manifest names version {m.version}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 self._discard(v, f"no valid manifest ({exc})")
                 continue
             manifests[v] = m
+            if raw.get("rejected_pending") and not self.readonly:
+                self._migrate_pending(m)
         if current not in manifests:
             raise StoreCorrupt(f"CURRENT names version {current}, which has no valid manifest")
         live: set[int] = set()
@@ -678,24 +592,44 @@ class EditStore:
             if v not in manifests:
                 raise StoreCorrupt(f"version {current} descends from missing version {v}")
             live.add(v)
-            v = manifests[v]["parent"]
+            v = manifests[v].parent
+        pending = self.outbox.ids()
         for v, m in sorted(manifests.items()):
-            if v in live and m["state"] == STATE_UNDONE:
-                # A rollback marked it but crashed before moving CURRENT: the rollback did not
-                # happen, and nobody was told it did.
-                m = {k: val for k, val in m.items() if k not in ("undone", "rejected_pending")}
-                m["state"] = STATE_COMMITTED
+            if v in live and not self.readonly and version_record_id(v) in pending:
+                # A rollback queued its facts but crashed before moving CURRENT: the rollback
+                # did not happen, and nobody may be told it did.
+                log.warning("version %d: dropping the rejections of an interrupted rollback", v)
+                self.outbox.done(version_record_id(v))
+            if v in live and m.state is VersionState.UNDONE:
+                m = m.replace(state=VersionState.COMMITTED, undone=None)
                 if not self.readonly:
                     log.warning("version %d: reverting an interrupted rollback", v)
                     self._write_manifest(v, m)
                 manifests[v] = m
-            elif v not in live and m["state"] != STATE_UNDONE:
+            elif v not in live and m.state is not VersionState.UNDONE:
                 # Written but never made live: the commit was interrupted before CURRENT moved.
                 del manifests[v]
                 self._discard(v, "its commit did not complete")
         self._manifests, self._current = manifests, current
         # A discarded version never was live, so its number may be given again.
         self._max_version = max(manifests)
+
+    def _migrate_pending(self, m: Version) -> None:
+        # Format 1 flagged unpublished rejections in the manifest; the outbox holds them now.
+        if m.undone is None or version_record_id(m.version) in self.outbox.ids():
+            return
+        self.outbox.put(
+            Rejected(
+                id=version_record_id(m.version),
+                kind="rolled_back",
+                reason=m.undone.reason,
+                facts=m.facts,
+                created=m.undone.at,
+                version=m.version,
+                rolled_back_to=m.undone.to_version,
+            )
+        )
+        self._write_manifest(m.version, m)
 
     def _discard(self, version: int, why: str) -> None:
         if self.readonly:
@@ -739,7 +673,7 @@ class EditStore:
         return tensors, modules
 
     def _write_version_dir(
-        self, version: int, manifest: dict[str, Any], update: dict[str, torch.Tensor] | None
+        self, version: int, manifest: Version, update: dict[str, torch.Tensor] | None
     ) -> None:
         self._versions_dir.mkdir(parents=True, exist_ok=True)
         final = self._version_dir(version)
@@ -751,13 +685,15 @@ class EditStore:
         if update is not None:
             save_file(update, tmp / _UPDATE_FILE, metadata={"format": str(FORMAT)})
             durable.fsync_file(tmp / _UPDATE_FILE)
-        durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest))
+        durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest.to_manifest()))
         durable.fsync_dir(tmp)
         os.replace(tmp, final)
         durable.fsync_dir(self._versions_dir)
 
-    def _write_manifest(self, version: int, manifest: dict[str, Any]) -> None:
-        durable.write_bytes(self._version_dir(version) / _MANIFEST_FILE, _dump(manifest))
+    def _write_manifest(self, version: int, manifest: Version) -> None:
+        durable.write_bytes(
+            self._version_dir(version) / _MANIFEST_FILE, _dump(manifest.to_manifest())
+        )
 
     def _read_update(
         self, version: int, parts: Sequence[str]
@@ -782,7 +718,7 @@ class EditStore:
             meta = {
                 "format": str(FORMAT),
                 "version": str(version),
-                "parent": str(self._manifests[version]["parent"]),
+                "parent": str(self._manifests[version].parent),
             }
             _write_safetensors(
                 self._snapshot_file(version), {n: d.contiguous() for n, d in deltas.items()}, meta
@@ -798,7 +734,7 @@ class EditStore:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("version") != str(version) or meta.get("parent") != str(
-                    self._manifests[version]["parent"]
+                    self._manifests[version].parent
                 ):
                     log.warning("ignoring snapshot %s: it belongs to another version", path)
                     return None

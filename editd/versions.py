@@ -1,0 +1,293 @@
+"""The one owner of what is served: the model handle, the edit store and the editor's preservation.
+
+Every promise editd makes about versions (each fact applied once, a request sees a whole
+version or none, rollback is bit-exact, nothing is lost) holds only if three things change
+together: the store's live version, the weights the handle serves, and the keys the editor
+preserves in later batches. `VersionedModel` is the only code that changes them:
+
+- `apply(update, facts)`: commit the version durably, swap the served weights to the store's
+  `deltas()` under the handle's write lock (the version number changes under the same lock),
+  then preserve the batch's keys; in that order, so a crash at any point leaves a served
+  version that exists on disk and a replay that the store's fact ids turn into a no-op;
+- `rollback(to, reason)`: queue the undone facts in the outbox, move the store, swap, and
+  rebuild preservation from the versions that remain;
+- `reject(facts, reason)`: facts that will never be applied go to the same outbox;
+- `open()` / `restore()`: serve the store's CURRENT, verify every tensor's sha256 against its
+  manifest, and rebuild preservation.
+
+The daemon, `editd bench edit`, `editd bench speed`, the study and the quality tests all edit
+through it (benchmarks on a temporary store), so what is measured is what is served. Version
+changes are serialised by `changing()`; callers hold it across computing an update and
+applying it, so an update is never applied on top of a version it was not computed on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from editd.editing.editor import Editor
+from editd.editing.model import ModelHandle
+from editd.facts import FactUpdate
+from editd.lowrank import EditUpdate
+from editd.store.outbox import Rejected, batch_record_id
+from editd.store.store import EditStore, StoreError
+from editd.store.version import Version
+
+log = logging.getLogger(__name__)
+
+
+class Busy(RuntimeError):
+    """Another version change is in progress."""
+
+
+class RestoreFailed(StoreError):
+    """The weights rebuilt from the store do not match what its manifest records."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A version that is durable and served."""
+
+    version: Version
+    seconds: dict[str, float] = field(default_factory=dict)  # "store", "apply"
+    pause: float = 0.0  # seconds readers waited on the swap
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    from_version: int
+    to_version: int
+    rejected: tuple[Rejected, ...]
+
+    @property
+    def facts(self) -> int:
+        return sum(len(r.facts) for r in self.rejected)
+
+
+class VersionedModel:
+    def __init__(
+        self,
+        handle: ModelHandle,
+        store: EditStore,
+        editor: Editor | None = None,
+        *,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.store = store
+        self.editor = editor
+        self._on_change = on_change
+        self._version = 0
+        self._changing = threading.RLock()
+        self._temporary: Path | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        handle: ModelHandle,
+        data_dir: str | Path,
+        *,
+        editor: Editor | None = None,
+        modules: Sequence[str] | None = None,
+        snapshot_every: int = 10,
+        on_change: Callable[[int], None] | None = None,
+    ) -> VersionedModel:
+        """Open (or create) the store at `data_dir` for the unedited `handle` and serve CURRENT.
+
+        The edited modules are the editor's, or `modules` for a model that is served but not
+        edited here. Raises the store's errors (`StoreLocked`, `StoreMismatch`, ...) and
+        `RestoreFailed`.
+        """
+        names = list(editor.modules if editor is not None else modules or [])
+        if not names:
+            raise ValueError("a versioned model needs an editor or the names of edited modules")
+        base = {name: handle.weight(name).detach().cpu().clone() for name in names}
+        store = EditStore(data_dir, snapshot_every=snapshot_every)
+        store.open_or_create(base)
+        model = cls(handle, store, editor, on_change=on_change)
+        try:
+            model.restore()
+        except BaseException:
+            store.close()
+            raise
+        return model
+
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(
+        cls, handle: ModelHandle, editor: Editor, *, snapshot_every: int = 10
+    ) -> Iterator[VersionedModel]:
+        """A versioned model on a throw-away store, for benchmarks and tests: the same apply
+        path as the daemon's (durable commit, sha256, swap, preservation). On exit the handle
+        serves its base again, the editor preserves nothing, and the store is deleted."""
+        root = Path(tempfile.mkdtemp(prefix="editd-versions-"))
+        try:
+            model = cls.open(handle, root, editor=editor, snapshot_every=snapshot_every)
+            try:
+                yield model
+            finally:
+                model.close()
+                handle.reset()
+                editor.reset_to([])
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def restore(self) -> int:
+        """Serve the store's CURRENT, check it bit for bit, and rebuild preservation."""
+        with self._changing:
+            current = self.store.current
+            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(current))
+            mismatched = self._mismatched(current)
+            if mismatched:
+                raise RestoreFailed(
+                    f"version {current} rebuilt from {self.store.root} differs from its "
+                    f"manifest in {mismatched}"
+                )
+            self._preserve_lineage()
+            log.info("serving version %d", current)
+            return current
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> int:
+        """The version being served."""
+        return self._version
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[int]:
+        """Hold the served weights still; yields the version they are."""
+        with self.handle.reading():
+            yield self._version
+
+    def served_sha256(self) -> dict[str, str]:
+        """sha256 of every edited tensor as served now, to compare with the manifests."""
+        return self.handle.weight_sha256(self.store.module_names)
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self.store.listing()
+
+    def version(self, number: int | None = None) -> Version:
+        return self.store.version(number)
+
+    def lineage(self) -> list[int]:
+        return self.store.lineage()
+
+    def applied_fact_ids(self) -> set[str]:
+        return self.store.applied_fact_ids()
+
+    def live_facts(self) -> list[tuple[int, list[dict[str, Any]]]]:
+        """(version, facts) of every version in the live lineage after the base, oldest first."""
+        return [(v, list(self.store.version(v).facts)) for v in self.store.lineage()[1:]]
+
+    # -- changing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def changing(self, timeout: float | None = None) -> Iterator[int]:
+        """Hold off every other version change; yields the current version.
+
+        Raises `Busy` when `timeout` (seconds) passes first. Re-entrant for the holder.
+        """
+        acquired = self._changing.acquire(timeout=-1 if timeout is None else timeout)
+        if not acquired:
+            raise Busy("an edit or rollback is in progress; try again when it is done")
+        try:
+            yield self._version
+        finally:
+            self._changing.release()
+
+    def apply(
+        self,
+        update: EditUpdate,
+        facts: Sequence[FactUpdate | Mapping[str, Any]],
+        *,
+        offsets: Mapping[Any, int] | None = None,
+        timings: Mapping[str, float] | None = None,
+        diagnostics: Mapping[str, Any] | None = None,
+    ) -> Applied:
+        """Commit `update` as a new version, serve it, preserve its keys: one operation."""
+        with self._changing:
+            t = time.perf_counter()
+            version = self.store.commit(
+                update,
+                facts=[_fact_json(f) for f in facts],
+                offsets=dict(offsets or {}),
+                timings=timings,
+                diagnostics=diagnostics,
+            )
+            stored = time.perf_counter() - t
+            t = time.perf_counter()
+            number = version.version
+            pause = self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(number))
+            swapped = time.perf_counter() - t
+            if self.editor is not None:
+                self.editor.commit(update)
+            return Applied(version, {"store": stored, "apply": swapped}, pause)
+
+    def rollback(self, to_version: int, reason: str) -> RolledBack:
+        """Serve `to_version` (in the live lineage) again; the undone facts go to the outbox."""
+        with self._changing:
+            undone_from = self._version
+            records = self.store.rollback(to_version, reason)
+            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(to_version))
+            self._preserve_lineage()
+            mismatched = self._mismatched(to_version)
+            if mismatched:
+                raise RestoreFailed(
+                    f"rollback to {to_version} serves weights that differ from its manifest in "
+                    f"{mismatched}"
+                )
+            return RolledBack(undone_from, to_version, tuple(records))
+
+    def reject(self, facts: Sequence[FactUpdate | Mapping[str, Any]], reason: str) -> Rejected:
+        """Facts that will never be applied: durably into the outbox, to be published."""
+        as_json = [_fact_json(f) for f in facts]
+        record = Rejected(
+            id=batch_record_id([str(f["id"]) for f in as_json]),
+            kind="edit_failed",
+            reason=reason,
+            facts=tuple(as_json),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        self.store.outbox.put(record)
+        return record
+
+    def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
+        """Keep an evaluation's scores in the version it judged (shown by `editd checkpoints`)."""
+        self.store.record_scores(version, scores)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _set(self, version: int) -> None:
+        self._version = version
+        if self._on_change is not None:
+            self._on_change(version)
+
+    def _mismatched(self, version: int) -> list[str]:
+        expected = self.store.expected_sha256(version)
+        served = self.served_sha256()
+        return sorted(n for n in expected if served.get(n) != expected[n])
+
+    def _preserve_lineage(self) -> None:
+        if self.editor is not None:
+            self.editor.reset_to(keys for _, keys in self.store.keys_by_version())
+
+
+def _fact_json(fact: FactUpdate | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(fact, FactUpdate):
+        return fact.model_dump(mode="json")
+    return dict(fact)

@@ -1,0 +1,209 @@
+"""`EditService` in process, on a real versioned model (tiny random Llama, real editor, real
+store): what the daemon does when a batch runs out of memory, poisons the editor, or races a
+rollback, and what reaches the rejected topic."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from editing_support import CORPUS, tiny_llama_dir
+
+from editd.config import Settings
+from editd.daemon.errors import Conflict, FatalError, NotFound
+from editd.daemon.service import DeviceError, EditService, is_device_error
+from editd.editing.editor import Editor, EditorConfig
+from editd.editing.model import ModelHandle
+from editd.editing.stats import Corpus
+from editd.editing.targets import TargetConfig
+from editd.monitoring.metrics import Metrics
+from editd.store.outbox import HEADERS
+from editd.versions import VersionedModel
+from editd.world.requests import make_requests
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class FlakyEditor(Editor):
+    """The real editor, failing the way devices and facts fail, on demand."""
+
+    oom_above: int | None = None  # batches larger than this run out of memory
+    poison: str | None = None  # a batch holding this fact id fails as a bad edit
+    device_error: bool = False
+    sizes: list[int]
+
+    def compute_update(self, batch):  # type: ignore[override]
+        self.sizes.append(len(batch))
+        if self.device_error:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        if self.oom_above is not None and len(batch) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.poison is not None and any(f.fact_id == self.poison for f in batch):
+            raise ValueError("target optimisation produced NaN")
+        return super().compute_update(batch)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _service(model_dir: Path, data_dir: Path, servers: list[str]) -> EditService:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    config = EditorConfig(layers=(1,), targets=TargetConfig(steps=5))
+    editor = FlakyEditor(
+        handle, config, corpus=Corpus(texts=CORPUS), cache_dir=data_dir / "c0", progress=False
+    )
+    editor.sizes = []
+    model = VersionedModel.open(handle, data_dir / "store", editor=editor)
+    return EditService(Settings(), model, Metrics(), bootstrap_servers=servers)
+
+
+@pytest.fixture()
+def service(model_dir: Path, tmp_path: Path) -> Iterator[EditService]:
+    # Nothing listens there: these tests read the outbox, not the topic.
+    svc = _service(model_dir, tmp_path, ["127.0.0.1:9"])
+    yield svc
+    svc.model.close()
+
+
+def _versions(service: EditService) -> list[tuple[int, int]]:
+    return [(v["version"], v["facts"]) for v in service.versions() if v["version"] > 0]
+
+
+def test_a_batch_out_of_memory_is_split_until_it_fits(service: EditService) -> None:
+    editor = service.editor
+    assert isinstance(editor, FlakyEditor)
+    editor.oom_above = 2
+    facts = make_requests(5, seed=3)
+    service.apply_batch(facts)
+    assert editor.sizes == [5, 2, 3, 1, 2]  # 5 → 2 + 3, 3 → 1 + 2
+    assert _versions(service) == [(1, 2), (2, 1), (3, 2)]
+    assert service.model.applied_fact_ids() == {f.fact_id for f in facts}
+    assert service.model.served_sha256() == service.model.store.expected_sha256()
+    assert service.is_ready()
+
+
+def test_out_of_memory_on_one_fact_is_fatal_and_rejects_nothing(service: EditService) -> None:
+    editor = service.editor
+    assert isinstance(editor, FlakyEditor)
+    editor.oom_above = 0
+    with pytest.raises(DeviceError, match="single fact"):
+        service.apply_batch(make_requests(2, seed=4))
+    assert not service.is_ready()
+    assert service.status()["fatal"]
+    assert service.model.store.outbox.pending() == []  # the facts are fine: replayed, not lost
+    assert _versions(service) == []
+
+
+def test_a_device_error_is_fatal_not_a_poison_batch(service: EditService) -> None:
+    editor = service.editor
+    assert isinstance(editor, FlakyEditor)
+    editor.device_error = True
+    with pytest.raises(FatalError):
+        service.apply_batch(make_requests(3, seed=5))
+    assert service.model.store.outbox.pending() == []
+    assert not service.is_ready()
+    assert is_device_error(torch.OutOfMemoryError("x"))
+    assert not is_device_error(ValueError("target optimisation produced NaN"))
+
+
+def test_a_poison_batch_goes_to_the_outbox_and_the_next_batch_is_applied(
+    service: EditService,
+) -> None:
+    editor = service.editor
+    assert isinstance(editor, FlakyEditor)
+    poisoned = make_requests(3, seed=6)
+    editor.poison = poisoned[1].fact_id
+    service.apply_batch(poisoned)  # returns: the consumer may commit past it
+    [record] = service.model.store.outbox.pending()
+    assert record.kind == "edit_failed" and record.version is None
+    assert [f["id"] for f in record.facts] == [f.fact_id for f in poisoned]
+    assert "NaN" in record.reason
+    editor.poison = None
+    good = make_requests(2, seed=7)
+    service.apply_batch(good)
+    assert _versions(service) == [(1, 2)]
+    assert service.is_ready()
+
+
+def test_two_rollbacks_racing_leave_one_consistent_version(service: EditService) -> None:
+    for seed in range(3):
+        service.apply_batch(make_requests(1, seed=20 + seed))
+    assert service.current_version() == 3
+    results: dict[int, object] = {}
+    go = threading.Barrier(2)
+
+    def roll(to: int) -> None:
+        go.wait()
+        try:
+            results[to] = service.rollback(to, f"race to {to}")
+        except (Conflict, NotFound) as exc:
+            # The loser is told to retry, or runs second and finds its target undone.
+            results[to] = exc
+
+    threads = [threading.Thread(target=roll, args=(v,)) for v in (2, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2
+    current = service.current_version()
+    assert current in (1, 2)
+    # Whatever the order, the served weights are exactly the live version's.
+    assert service.model.served_sha256() == service.model.store.expected_sha256(current)
+    live = {v["version"] for v in service.versions() if v["state"] == "committed"}
+    assert live == set(range(current + 1))
+    undone = {r.version for r in service.model.store.outbox.pending()}
+    assert undone == {3, 2} - live
+
+
+@pytest.mark.broker
+def test_rollback_and_poison_reach_the_rejected_topic_with_one_header_set(
+    model_dir: Path, tmp_path: Path, broker
+) -> None:
+    from kafka_support import read_topic
+
+    from editd.consumers.broker import ensure_topics
+
+    servers = broker.bootstrap_servers
+    settings = Settings()
+    ensure_topics(servers, [settings.kafka.rejected], 1)
+    service = _service(model_dir, tmp_path, servers)
+    editor = service.editor
+    assert isinstance(editor, FlakyEditor)
+    try:
+        service.start()
+        applied = make_requests(2, seed=30)
+        service.apply_batch(applied)
+        poisoned = make_requests(1, seed=31)
+        editor.poison = poisoned[0].fact_id
+        service.apply_batch(poisoned)
+        service.rollback(0, "bad batch")
+        records = read_topic(servers, settings.kafka.rejected, 3, settle_ms=500)
+        assert len(records) == 3
+        for r in records:
+            assert [h for h, _ in r.headers] == list(HEADERS)
+        by_id = {dict(r.headers)["fact_id"].decode(): dict(r.headers) for r in records}
+        assert by_id[poisoned[0].fact_id]["kind"] == b"edit_failed"
+        assert by_id[poisoned[0].fact_id]["version"] == b"none"
+        for fact in applied:
+            headers = by_id[fact.fact_id]
+            assert headers["kind"] == b"rolled_back"
+            assert headers["version"] == b"1" and headers["rolled_back_to"] == b"0"
+            assert headers["reason"] == b"operator: bad batch"
+        values = {json.loads(r.value)["id"] for r in records}
+        assert values == {f.fact_id for f in [*applied, *poisoned]}
+        # Published means gone from the outbox (polled: the publisher acknowledges first).
+        for _ in range(100):
+            if not service.model.store.outbox.pending():
+                break
+            threading.Event().wait(0.05)
+        assert service.model.store.outbox.pending() == []
+    finally:
+        service.stop()
+        service.model.close()
