@@ -170,21 +170,29 @@ def create_app(
     admission = _Admission(max_pending)
     max_body = serve.max_prompt_chars * 4 * MAX_PROMPTS_PER_REQUEST + _BODY_OVERHEAD_BYTES
 
+    api_key = serve.api_key.get_secret_value() if serve.api_key else None
+
     def require_admin(request: Request) -> None:
         if not admin_token:
             raise Forbidden(
                 "the admin API is disabled: set serve.admin_token (EDITD_SERVE__ADMIN_TOKEN)"
             )
-        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-        # compare_digest on bytes: its time does not depend on where the first mismatch is.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credential.strip().encode(), admin_token.encode()
-        ):
+        if not _bearer_is(request, admin_token):
             raise Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
 
-    admin = [Depends(require_admin)]
+    def require_api_key(request: Request) -> None:
+        # The admin token opens inference too: an operator checking an answer needs no second
+        # secret.
+        if api_key is None or _bearer_is(request, api_key):
+            return
+        if admin_token and _bearer_is(request, admin_token):
+            return
+        raise Unauthorized("missing or wrong API key (Authorization: Bearer <serve.api_key>)")
 
-    @app.post("/v1/completions")
+    admin = [Depends(require_admin)]
+    inference = [Depends(require_api_key)]
+
+    @app.post("/v1/completions", dependencies=inference)
     async def completions(body: CompletionRequest) -> JSONResponse:
         if body.model is not None and body.model != service.model_name:
             raise NotFound(
@@ -211,7 +219,7 @@ def create_app(
             headers={VERSION_HEADER: str(result.version)},
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=inference)
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
@@ -297,6 +305,14 @@ def create_app(
 
     app.add_middleware(_VersionAndTiming, service=service, max_body_bytes=max_body)
     return app
+
+
+def _bearer_is(request: Request, secret: str) -> bool:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    # compare_digest on bytes: its time does not depend on where the first mismatch is.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        credential.strip().encode(), secret.encode()
+    )
 
 
 def _sampling_params(
