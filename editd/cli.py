@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="Admin API of a running daemon (default from serve.*).")
     p.add_argument("--reason", help="Why; sent with the undone facts to <topic>.rejected.")
 
+    p = command(
+        "export",
+        "editd.export:main",
+        "Export a version as a Hugging Face checkpoint or a PEFT LoRA adapter.",
+    )
+    p.add_argument("version", type=int, nargs="?", help="Version (default: the live one).")
+    p.add_argument("--format", choices=["hf", "peft"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="A new directory.")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--model", type=Path, help="The model the store edits (as for editd run).")
+    p.add_argument(
+        "--max-rank",
+        type=int,
+        help="peft: compress an adapter of higher rank by truncated SVD (error measured).",
+    )
+
     p = command("status", "editd.daemon.client:status", "Show the running daemon's state.")
     p.add_argument("--url")
     p.add_argument("--json", action="store_true")
@@ -199,7 +215,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "linger_seconds": get("linger"),
         },
         "store": {"data_dir": get("data_dir")},
-        "model": {"path": get("model") if args.command == "run" else None},
+        "model": {"path": get("model") if args.command in ("run", "export") else None},
         "serve": {"port": get("http_port")},
     }
 

@@ -349,6 +349,19 @@ class EditStore:
                 self._delta_cache = (v, {n: d.clone() for n, d in acc.items()})
             return acc
 
+    def factors(
+        self, version: int | None = None
+    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per module, the (left, right) float32 factors of every version in the lineage up to
+        `version`, oldest first: D_v = Σ left @ right (exports build a LoRA adapter from them)."""
+        with self._lock:
+            out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for v in self.lineage(version)[1:]:
+                update = self._read_update(v, parts=("left", "right"))
+                for name in sorted(update["left"]):
+                    out.setdefault(name, []).append((update["left"][name], update["right"][name]))
+            return out
+
     def base(self) -> dict[str, torch.Tensor]:
         """The base tensors (CPU, exact dtype). Treat as read-only."""
         with self._lock:
