@@ -19,6 +19,7 @@ from typing import Any
 from editd.config import SCORE_NAMES, Settings, admin_token
 from editd.consumers.publish import bootstrap_servers_for
 from editd.consumers.rejected import drain
+from editd.consumers.security import client_options
 from editd.store.store import EditStore, StoreError, StoreLocked, StoreNotFound
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,12 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
         level = kafka_log.level
         kafka_log.setLevel(logging.CRITICAL)
         try:
-            published = drain(store.outbox, bootstrap_servers_for(settings.kafka), topic)
+            published = drain(
+                store.outbox,
+                bootstrap_servers_for(settings.kafka),
+                topic,
+                options=client_options(settings.kafka),
+            )
         finally:
             kafka_log.setLevel(level)
         pending = store.outbox.facts_pending()

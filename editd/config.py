@@ -42,6 +42,20 @@ class KafkaSettings(Section):
     max_message_bytes: int = Field(1_000_000, gt=0)
     embedded_port: int = Field(19092, gt=0, lt=65536, description="Port of the embedded broker.")
     partitions: int = Field(1, gt=0, description="Partitions of topics the daemon creates.")
+    # A secured cluster. Every client editd makes (consumer, dead letters, rejected facts,
+    # topic creation, `editd publish`) uses these; consumers/security.py turns them into
+    # kafka-python options and checks them at start.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(
+        None, description="Prefer EDITD_KAFKA__SASL_PASSWORD or sasl_password_file; never logged."
+    )
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certs.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
 
     @property
     def dlq(self) -> str:

@@ -17,10 +17,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 if [ "${1:-}" = "test" ]; then
-  # Real Prometheus/promtool and kcat (an independent Kafka client) for the integration tests.
+  # Real Prometheus/promtool, kcat (an independent Kafka client) and stunnel (a TLS endpoint
+  # in front of the embedded broker) for the integration tests.
   need=()
   command -v prometheus >/dev/null || need+=(prometheus)
   command -v kcat >/dev/null || need+=(kcat)
+  command -v stunnel4 >/dev/null || need+=(stunnel4)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

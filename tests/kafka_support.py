@@ -18,6 +18,7 @@ def read_topic(
     partition: int = 0,
     timeout: float = 20.0,
     settle_ms: int = 0,
+    **options: Any,
 ) -> list[Any]:
     """Every record of one partition from the beginning.
 
@@ -25,7 +26,7 @@ def read_topic(
     polls in a row return nothing. `settle_ms` adds one more poll, so that more records than
     expected show up as a failure instead of going unread.
     """
-    reader = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    reader = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, **options)
     tp = TopicPartition(topic, partition)
     reader.assign([tp])
     reader.seek_to_beginning(tp)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from editd.config import KafkaSettings, Settings
 
@@ -79,6 +79,7 @@ def ensure_topics(
     partitions: int = 1,
     replication_factor: int = -1,
     timeout_s: float = 30.0,
+    options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the ones created.
 
@@ -92,6 +93,7 @@ def ensure_topics(
         bootstrap_servers=list(bootstrap_servers),
         client_id="editd-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **(options or {}),
     )
     try:
         response = admin.create_topics(
@@ -155,8 +157,12 @@ class EmbeddedBroker:
         binary: Path | None = None,
         log_file: Path | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        advertised: str | None = None,
     ) -> None:
         self.port = port or free_port(self.host)
+        # What clients are told to connect to; another address when a proxy (a TLS endpoint)
+        # stands in front of the broker.
+        self.advertised = advertised
         self.topics = list(topics)
         self.partitions = partitions
         self.binary = binary or tansu_binary()
@@ -189,7 +195,7 @@ class EmbeddedBroker:
             self.url,
             # Clients connect to what the broker advertises; the default is localhost:9092.
             "--advertised-listener-url",
-            self.url,
+            self.advertised or self.url,
             "--storage-engine",
             "memory://tansu/",
         ]

@@ -37,6 +37,7 @@ from kafka.structs import OffsetAndMetadata
 
 from editd.config import FactLimits, KafkaSettings
 from editd.consumers.batching import Batcher, FactBatch, Origin, Partition
+from editd.consumers.security import client_options
 from editd.facts import FactError, parse_fact
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ class FactConsumer:
             # stop()) stay responsive; the default is 30 s.
             "bootstrap_timeout_ms": 10_000,
             "reconnect_backoff_max_ms": int(self.backoff.maximum * 1000),
+            **client_options(self.kafka),
         }
 
     def _new_consumer(self) -> KafkaConsumer:

@@ -22,6 +22,7 @@ from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from editd.config import FactLimits, KafkaSettings, Settings
+from editd.consumers.security import KafkaSecurityError, client_options
 from editd.facts import FactError, FactUpdate, fact_from_record
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,22 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     published = 0
     if loaded.facts:
         try:
-            published = len(
-                publish_facts(loaded.facts, servers, kafka.topic, progress=sys.stderr.isatty())
-            )
+            producer = new_producer(servers, **client_options(kafka))
+            try:
+                published = len(
+                    publish_facts(
+                        loaded.facts,
+                        servers,
+                        kafka.topic,
+                        producer=producer,
+                        progress=sys.stderr.isatty(),
+                    )
+                )
+            finally:
+                producer.close(timeout=10)
+        except KafkaSecurityError as exc:
+            print(f"editd publish: {exc}", file=sys.stderr)
+            return EXIT_PUBLISH_FAILED
         except KafkaError as exc:
             print(
                 f"editd publish: publishing to {','.join(servers)} failed: {exc}", file=sys.stderr

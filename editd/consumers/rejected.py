@@ -14,13 +14,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from editd.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 
-def drain(outbox: Outbox, servers: Sequence[str], topic: str, *, timeout_s: float = 5.0) -> int:
+def drain(
+    outbox: Outbox,
+    servers: Sequence[str],
+    topic: str,
+    *,
+    timeout_s: float = 5.0,
+    options: dict[str, Any] | None = None,
+) -> int:
     """Publish every pending record to `topic`; returns how many facts were published.
 
     Returns 0 when no broker answered: the records stay in the outbox for the next try.
@@ -40,6 +48,7 @@ def drain(outbox: Outbox, servers: Sequence[str], topic: str, *, timeout_s: floa
             request_timeout_ms=ms,
             delivery_timeout_ms=3 * ms,
             bootstrap_timeout_ms=ms,
+            **(options or {}),
         )
     except KafkaError as exc:
         log.warning("cannot reach a broker at %s (%s): rejected facts stay pending", servers, exc)
@@ -75,11 +84,13 @@ class OutboxPublisher:
         topic: str,
         *,
         retry_s: float = 10.0,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.outbox = outbox
         self.servers = list(servers)
         self.topic = topic
         self.retry_s = retry_s
+        self.options = dict(options or {})
         self.published = 0  # facts, since start (exported as a counter by the daemon)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,7 +111,7 @@ class OutboxPublisher:
         while not self._stop.is_set():
             self.outbox.changed.clear()
             try:
-                self.published += drain(self.outbox, self.servers, self.topic)
+                self.published += drain(self.outbox, self.servers, self.topic, options=self.options)
             except Exception:
                 log.exception("draining the rejected-facts outbox failed; retrying")
             if self.outbox.pending():

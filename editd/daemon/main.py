@@ -30,6 +30,7 @@ from editd import durable
 from editd.config import TOKEN_FILE, Settings, admin_token
 from editd.consumers.broker import BrokerError, EmbeddedBroker, default_topics, ensure_topics
 from editd.consumers.consumer import BatchFailed, FactConsumer
+from editd.consumers.security import KafkaSecurityError, check_connection, client_options
 from editd.daemon.api import create_app
 from editd.daemon.errors import FatalError, Unavailable
 from editd.daemon.server import HttpServer
@@ -46,6 +47,7 @@ EXIT_STORE_LOCKED = 4  # another process holds the edit store (a second daemon?)
 EXIT_STORE_MISMATCH = 5  # the store was made for another model, layers or dtype
 EXIT_RESTORE_FAILED = 6  # the store's current version does not rebuild to its sha256
 EXIT_FATAL = 7  # the served model can no longer be trusted (device error, failed rollback)
+EXIT_KAFKA = 8  # the configured Kafka cannot be reached with its security settings
 EXIT_INTERRUPTED = 130
 
 PROBE_SEED = 7_919  # the built-in model's probe facts: fixed, so scores compare across runs
@@ -110,6 +112,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except BrokerError as exc:
             log.error("embedded broker: %s", exc)
             return EXIT_FAILURE
+        except KafkaSecurityError as exc:
+            log.error("kafka: %s", exc)
+            return EXIT_KAFKA
         try:
             service = _load(settings, metrics, servers, stack)
         except StoreFailure as exc:
@@ -193,7 +198,14 @@ def _install_signals(stop: threading.Event, consumer: list[FactConsumer]) -> Non
 def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
     kafka = settings.kafka
     if kafka.bootstrap_servers:
-        ensure_topics(kafka.bootstrap_servers, default_topics(kafka), kafka.partitions)
+        # A wrong CA or password fails here in seconds, naming the setting.
+        check_connection(kafka.bootstrap_servers, kafka)
+        ensure_topics(
+            kafka.bootstrap_servers,
+            default_topics(kafka),
+            kafka.partitions,
+            options=client_options(kafka),
+        )
         return list(kafka.bootstrap_servers)
     broker = EmbeddedBroker(
         port=kafka.embedded_port, topics=default_topics(kafka), partitions=kafka.partitions

@@ -33,6 +33,7 @@ from prometheus_client import generate_latest
 
 from editd.config import Settings
 from editd.consumers.rejected import OutboxPublisher
+from editd.consumers.security import client_options
 from editd.daemon.errors import Conflict, FatalError, NotFound
 from editd.daemon.generation import Completion, Generator, SamplingParams
 from editd.editing.scoring import canary_accuracy, score_facts
@@ -110,7 +111,10 @@ class EditService:
         self.consumer_stats: Any = None  # the consumer's ConsumerStats, set by the daemon
         self.fatal_hook: Callable[[FatalError], None] | None = None  # the daemon stops on it
         self.publisher = OutboxPublisher(
-            model.store.outbox, self.bootstrap_servers, settings.kafka.rejected
+            model.store.outbox,
+            self.bootstrap_servers,
+            settings.kafka.rejected,
+            options=client_options(settings.kafka),
         )
         self._exported: dict[str, int] = {}
         self._fatal: FatalError | None = None
