@@ -41,6 +41,14 @@ class KafkaSettings(Section):
     session_timeout_ms: int = Field(10_000, gt=0)
     max_message_bytes: int = Field(1_000_000, gt=0)
     embedded_port: int = Field(19092, gt=0, lt=65536, description="Port of the embedded broker.")
+    embedded_storage: Literal["disk", "memory"] = Field(
+        "disk",
+        description="Where the embedded broker keeps topics and offsets: on disk (kept across "
+        "crashes and restarts) or in memory (lost with the process).",
+    )
+    embedded_data_dir: Path | None = Field(
+        None, description="The embedded broker's disk; default <store.data_dir>/broker."
+    )
     partitions: int = Field(1, gt=0, description="Partitions of topics the daemon creates.")
     # A secured cluster. Every client editd makes (consumer, dead letters, rejected facts,
     # topic creation, `editd publish`) uses these; consumers/security.py turns them into

@@ -45,13 +45,14 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = admin_token
         self.data_dir = data_dir
+        # No servers: the daemon starts its embedded broker (port from the env).
+        connect = ["--bootstrap-servers", ",".join(servers)] if servers else []
         self.args = [
             sys.executable,
             "-m",
             "editd",
             "run",
-            "--bootstrap-servers",
-            ",".join(servers),
+            *connect,
             "--topic",
             topic,
             "--data-dir",

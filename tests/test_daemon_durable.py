@@ -1,0 +1,85 @@
+"""The embedded default loses nothing: `editd run` with no Kafka configured, its broker on
+disk, 300 facts published, and kill -9 of the daemon, of the broker mid-stream, and of both.
+Every fact ends applied exactly once (fact ids in the live manifests)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from editd.consumers.broker import BrokerError, free_port, weed_binary
+from editd.consumers.publish import publish_facts
+from editd.world.requests import make_requests
+from tests.daemon_harness import Daemon, fact_ids_of, manifests
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+FACTS = 300
+
+
+def _tansu(daemon: Daemon, not_pid: int | None = None) -> psutil.Process:
+    """The daemon's running Tansu child (another than `not_pid`), once there is one."""
+    assert daemon.proc is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for child in psutil.Process(daemon.proc.pid).children(recursive=True):
+            try:
+                running = child.status() != psutil.STATUS_ZOMBIE
+                if child.name() == "tansu" and running and child.pid != not_pid:
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no running broker under the daemon:\n{daemon.log()}")
+
+
+def _applied(store: Path) -> collections.Counter[str]:
+    return collections.Counter(
+        i for m in manifests(store) if m["state"] == "committed" for i in fact_ids_of(m)
+    )
+
+
+def test_kill_9_of_daemon_broker_and_both_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    try:
+        weed_binary()
+    except BrokerError as exc:
+        pytest.skip(str(exc))
+    port = free_port()
+    servers = [f"127.0.0.1:{port}"]
+    store = tmp_path / "data"
+    env = {"EDITD_KAFKA__EMBEDDED_PORT": str(port)}
+    daemon = Daemon(store, [], "facts", batch_size=100, linger=0.5, env=env)
+    facts = make_requests(FACTS, seed=21)
+    want = {f.fact_id for f in facts}
+
+    daemon.start()
+    daemon.wait_ready()
+    publish_facts(facts, servers, "facts")
+    # 1. The daemon dies right after its first version (its broker dies with it).
+    daemon.wait_version(1, timeout=300)
+    daemon.kill()
+    daemon.start()
+    daemon.wait_ready()
+    # 2. The broker dies mid-stream; the daemon's supervisor restarts it on the same disk.
+    daemon.wait_status("an edit", lambda s: s["editing"] is not None, timeout=300)
+    first = _tansu(daemon)
+    first.kill()
+    # 3. Both die: the restarted broker first, then the daemon.
+    broker = _tansu(daemon, not_pid=first.pid)
+    os.kill(broker.pid, signal.SIGKILL)
+    daemon.kill()
+    daemon.start()
+    daemon.wait_ready()
+    deadline = time.monotonic() + 600
+    while set(_applied(store)) != want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    counts = _applied(store)
+    assert set(counts) == want, daemon.log()
+    assert max(counts.values()) == 1
+    assert daemon.terminate() == 0
