@@ -170,3 +170,83 @@ def test_an_api_key_guards_inference_and_leaves_probes_and_metrics_open(
         assert client.post("/v1/rollback", json=rollback, headers=key).status_code == 401
     with TestClient(create_app(service, ServeSettings(max_tokens=16))) as open_client:
         assert open_client.post("/v1/completions", json=body).status_code == 200
+
+
+@pytest.mark.slow
+def test_requests_never_fail_or_mix_versions_while_the_versioned_model_changes(
+    service: EditService,
+) -> None:
+    """Real uvicorn socket, two clients, and a writer alternating `apply` and `rollback` on
+    the versioned model (durable commit, sha256, swap) as fast as it can: every response's
+    text is the one its version header's weights give."""
+    import threading
+    import time
+
+    import httpx
+    import torch
+
+    from editd.daemon.server import HttpServer
+    from editd.lowrank import EditUpdate, LayerUpdate
+
+    model, handle = service.model, service.handle
+    service.editor.prepare()
+    name = service.editor.modules[0]
+    weight = handle.weight(name)
+    gen = torch.Generator().manual_seed(3)
+    shift = torch.randn(weight.shape, generator=gen) * 0.5  # large: the text must change
+    d_out, d_in = weight.shape
+    update = EditUpdate(
+        {name: LayerUpdate(left=torch.eye(d_out), right=shift, keys=torch.zeros(d_in, 1))}
+    )
+    settings = ServeSettings(admin_token=SecretStr(TOKEN), max_tokens=16)
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    counter = iter(range(10**6))
+
+    def edit() -> None:
+        i = next(counter)
+        fact = {"id": f"swap-{i}", "subject": "S", "prompt": "{} is", "target_new": "x"}
+        model.apply(update, [fact])
+
+    with HttpServer.bind("127.0.0.1", 0) as server:
+        server.start(create_app(service, settings))
+        expected = {}
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            expected["base"] = http.post("/v1/completions", json=body).json()["choices"][0]
+            edit()
+            expected["edited"] = http.post("/v1/completions", json=body).json()["choices"][0]
+            model.rollback(0, "test")
+        assert expected["base"]["text"] != expected["edited"]["text"]
+        failures: list[str] = []
+        seen: set[int] = set()
+        stop_at = time.monotonic() + 5.0
+
+        def client() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                while time.monotonic() < stop_at:
+                    r = http.post("/v1/completions", json=body)
+                    version = int(r.headers[VERSION_HEADER])
+                    seen.add(version)
+                    want = expected["base" if version == 0 else "edited"]["text"]
+                    if r.status_code != 200:
+                        failures.append(f"HTTP {r.status_code}: {r.text}")
+                    elif r.json()["choices"][0]["text"] != want:
+                        failures.append(f"v{version}: {r.json()['choices'][0]['text']!r}")
+
+        swaps = 0
+
+        def writer() -> None:
+            nonlocal swaps
+            while time.monotonic() < stop_at:
+                edit()
+                model.rollback(0, "swap test")
+                swaps += 2
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        threads.append(threading.Thread(target=writer))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert failures == []
+    assert swaps >= 10 and 0 in seen and len(seen) > 2, (swaps, sorted(seen)[:10])
+    assert model.served_sha256() == model.store.expected_sha256(0)
