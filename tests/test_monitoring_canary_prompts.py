@@ -64,3 +64,19 @@ def test_empty_raises_value_error_naming_file(tmp_path: Path) -> None:
     path.write_text("# only a comment\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(str(path))):
         canary_prompts(path)
+
+
+def test_own_answer_probes_keep_the_answer_and_pick_a_different_distractor() -> None:
+    from editd.monitoring.canary import own_answer_probes
+
+    prompts = ["The capital of France is", "Water is made of", "The sky is", "Grass is"]
+    answers = ["Paris", "hydrogen", "blue", "Blue"]
+    probes = own_answer_probes(prompts, answers, n=3)
+    assert [p.rendered_prompt for p in probes] == prompts[:3]
+    assert [p.target_true for p in probes] == answers[:3]
+    for p in probes:
+        assert p.target_new.casefold() != p.target_true.casefold()
+    # "blue" skips "Blue" (the same answer) for the next one that differs.
+    assert probes[2].target_new == "Paris"
+    assert len({p.fact_id for p in probes}) == 3
+    assert own_answer_probes(["a is", "b is"], ["x", "x"], n=5) == []

@@ -343,8 +343,15 @@ def _evaluation_sets(
 
         pairs = unedited_examples(probes, settings.eval.probe_size, seed=PROBE_SEED)
         return Canary(tuple(p for p, _ in pairs), tuple(o for _, o in pairs)), probes, {}
+    canary = _model_canary(handle, cache_dir)
+    if not probes:
+        from editd.monitoring.canary import own_answer_probes
+
+        own = own_answer_probes(canary.prompts, canary.objects, settings.eval.probe_size)
+        probes = [as_probe(f) for f in own]
+        log.info("probe set: %d of the canary's prompts, the base model's answers", len(probes))
     off = {} if probes else {"probe": "no probe set: set eval.probe_file to a facts file"}
-    return _model_canary(handle, cache_dir), probes, off
+    return canary, probes, off
 
 
 def _model_canary(handle: Any, cache_dir: Path) -> Canary:

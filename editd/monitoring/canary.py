@@ -16,9 +16,14 @@ torch or transformers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["CANARY_FILE", "canary_prompts"]
+if TYPE_CHECKING:
+    from editd.facts import FactUpdate
+
+__all__ = ["CANARY_FILE", "canary_prompts", "own_answer_probes"]
 
 CANARY_FILE: Path = Path(__file__).resolve().parent / "assets" / "canary_prompts.txt"
 
@@ -53,3 +58,42 @@ def canary_prompts(path: Path | None = None) -> tuple[str, ...]:
         listed = ", ".join(repr(p) for p in duplicates)
         raise ValueError(f"{source}: duplicate canary prompts: {listed}")
     return tuple(prompts)
+
+
+def own_answer_probes(prompts: Sequence[str], answers: Sequence[str], n: int) -> list[FactUpdate]:
+    """Probe facts for a model with no probe file: up to `n` of its canary prompts, each with
+    the base model's own answer as the true object and another prompt's different answer as
+    the distractor.
+
+    The probe check then asks, teacher-forced, that the model still prefers its own answer to
+    the distractor: the canary's prompts measured by the probe's margin instead of greedy
+    agreement, so drift shows before a greedy answer flips. The whole prompt is the subject
+    (template "{}"): nothing here is edited, only scored.
+    """
+    from editd.facts import FactUpdate
+
+    out: list[FactUpdate] = []
+    count = len(prompts)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        if len(out) >= n:
+            break
+        distractor = next(
+            (
+                answers[(i + k) % count]
+                for k in range(1, count)
+                if answers[(i + k) % count].strip().casefold() != answer.strip().casefold()
+            ),
+            None,
+        )
+        if distractor is None or "{" in prompt or "}" in prompt:
+            continue
+        out.append(
+            FactUpdate(
+                id=f"probe-{i:04d}",
+                subject=prompt,
+                prompt="{}",
+                target_true=answer,
+                target_new=distractor,
+            )
+        )
+    return out
