@@ -9,8 +9,8 @@ layer write (`solvers.layer_share`), so layers with more specific keys carry mor
 differ only in the solver and the preservation matrix.
 
 The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
-model; applying it is the daemon's job (`ModelHandle.set_deltas` under the write lock), after
-which `commit` tells the editor to preserve the batch's keys from then on.
+model; applying it is `editd.versions.VersionedModel.apply`'s job (durable commit, then the
+swap under the write lock), which then calls `commit` so the editor preserves the batch's keys.
 """
 
 from __future__ import annotations
