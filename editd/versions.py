@@ -40,7 +40,7 @@ from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate
 from editd.store.outbox import Rejected, batch_record_id
 from editd.store.store import EditStore, StoreError
-from editd.store.version import Version
+from editd.store.version import Version, now
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class VersionedModel:
         self.handle = handle
         self.store = store
         self.editor = editor
-        self._on_change = on_change
+        # Called with the new version number under the write lock, with the swap itself.
+        self.on_change = on_change
         self._version = 0
         self._changing = threading.RLock()
         self._temporary: Path | None = None
@@ -224,7 +225,7 @@ class VersionedModel:
             t = time.perf_counter()
             version = self.store.commit(
                 update,
-                facts=[_fact_json(f) for f in facts],
+                facts=facts,
                 offsets=dict(offsets or {}),
                 timings=timings,
                 diagnostics=diagnostics,
@@ -261,7 +262,7 @@ class VersionedModel:
             kind="edit_failed",
             reason=reason,
             facts=tuple(as_json),
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            created=now(),
         )
         self.store.outbox.put(record)
         return record
@@ -274,8 +275,8 @@ class VersionedModel:
 
     def _set(self, version: int) -> None:
         self._version = version
-        if self._on_change is not None:
-            self._on_change(version)
+        if self.on_change is not None:
+            self.on_change(version)
 
     def _mismatched(self, version: int) -> list[str]:
         expected = self.store.expected_sha256(version)

@@ -415,15 +415,6 @@ class EmbeddedBroker:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Block until the broker exits (or `timeout`); return its exit code."""
-        if self.process is None:
-            return None
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def stop(self) -> None:
         self._stopping.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():

@@ -91,7 +91,6 @@ class OutboxPublisher:
         self.topic = topic
         self.retry_s = retry_s
         self.options = dict(options or {})
-        self.published = 0  # facts, since start (exported as a counter by the daemon)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,7 +110,7 @@ class OutboxPublisher:
         while not self._stop.is_set():
             self.outbox.changed.clear()
             try:
-                self.published += drain(self.outbox, self.servers, self.topic, options=self.options)
+                drain(self.outbox, self.servers, self.topic, options=self.options)
             except Exception:
                 log.exception("draining the rejected-facts outbox failed; retrying")
             if self.outbox.pending():

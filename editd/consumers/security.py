@@ -80,7 +80,7 @@ def check_connection(servers: Sequence[str], kafka: KafkaSettings, timeout_s: fl
     metadata request through kafka-python checks SASL credentials.
     """
     options = client_options(kafka)
-    if "ssl_cafile" in options or kafka.security_protocol in ("SSL", "SASL_SSL"):
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
         _check_tls(servers, options, timeout_s)
     if kafka.security_protocol.startswith("SASL"):
         _check_sasl(servers, options, timeout_s)

@@ -266,7 +266,6 @@ def _load(
             data_dir,
             editor=editor,
             snapshot_every=settings.store.snapshot_every,
-            on_change=metrics.model_version.set,
         )
     except StoreLocked as exc:
         raise StoreFailure(f"edit store: {exc}", EXIT_STORE_LOCKED) from exc

@@ -122,6 +122,8 @@ class EditService:
         self._editing: dict[str, Any] | None = None  # the batch being edited, for /v1/status
         self._stats: dict[str, Any] = {"ready": self.editor.prepared, "seconds": None}
         self.generator = Generator(self.handle, self.current_version)
+        # The gauge moves with the swap itself, under the model's write lock.
+        model.on_change = metrics.model_version.set
         metrics.model_version.set(model.current)
 
     # -- start-up ---------------------------------------------------------------------------
@@ -319,7 +321,6 @@ class EditService:
         self.metrics.swap_pause_seconds.observe(applied.pause)
         self.metrics.facts_applied.inc(len(facts))
         version = applied.version.version
-        self.metrics.model_version.set(version)
         log.info(
             "version %d: %d facts in %.1fs (store %.2fs, swap pause %.1f ms)",
             version,
@@ -362,7 +363,6 @@ class EditService:
             rolled = self.model.rollback(version, reason)
         except StoreError as exc:
             raise FatalError(f"rollback to {version} failed: {exc}") from exc
-        self.metrics.model_version.set(version)
         self.metrics.facts_rejected.inc(rolled.facts)
         self._last_rollback = {
             "from": rolled.from_version,

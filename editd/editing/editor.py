@@ -195,9 +195,6 @@ class Editor:
         chunk, so a weight swap waits for one chunk, not for the whole corpus. Later calls
         return at once; concurrent ones wait for the first.
         """
-        return self._prepare()
-
-    def _prepare(self) -> float:
         with self._prepare_lock:
             if self.preservation:
                 return 0.0
@@ -249,7 +246,7 @@ class Editor:
         timings: dict[str, float] = {"keys": 0.0, "solve": 0.0}
         handle = self.handle
         t0 = time.perf_counter()
-        timings["stats"] = self._prepare()  # takes the read lock itself, chunk by chunk
+        timings["stats"] = self.prepare()  # takes the read lock itself, chunk by chunk
         with handle.reading():
             site = self.config.site
             prompts = prompt_set(handle.tokenizer, rows, self.config.prefixes, site=site)

@@ -44,7 +44,6 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from safetensors.torch import save_file
 from editd import durable
 from editd.lowrank import EditUpdate, accumulate, served_weight, tensor_sha256
 from editd.store.outbox import Outbox, Rejected, version_record_id
-from editd.store.version import FORMAT, Undo, Version, VersionState
+from editd.store.version import FORMAT, Undo, Version, VersionState, now
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class EditStore:
             manifest = Version(
                 version=0,
                 parent=None,
-                created=_now(),
+                created=now(),
                 sha256={name: m["sha256"] for name, m in meta.items()},
             )
             self._write_version_dir(0, manifest, update=None)
@@ -431,7 +430,7 @@ class EditStore:
             manifest = Version(
                 version=version,
                 parent=parent,
-                created=_now(),
+                created=now(),
                 facts=tuple(fact_dicts),
                 offsets=_offset_dict(offsets),
                 timings=_jsonable(dict(timings or {})),
@@ -468,7 +467,7 @@ class EditStore:
             undone = chain[chain.index(to_version) + 1 :]
             if not undone:
                 return []
-            at = _now()
+            at = now()
             records = [
                 Rejected(
                     id=version_record_id(v),
@@ -508,7 +507,7 @@ class EditStore:
             self._require_writable()
             if version not in self._manifests:
                 raise VersionNotFound(f"no version {version} in the edit store at {self.root}")
-            m = self._manifests[version].replace(scores=_jsonable(dict(scores)), scored=_now())
+            m = self._manifests[version].replace(scores=_jsonable(dict(scores)), scored=now())
             self._write_manifest(version, m)
             self._manifests[version] = m
 
@@ -762,10 +761,6 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[
 
 
 # ---------------------------------------------------------------------- values
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _dump(obj: Any) -> bytes:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1 also stored `fact_ids` and the rejection flags
+
+
+def now() -> str:
+    """A record's timestamp: UTC, milliseconds, ISO 8601 with Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class VersionState(StrEnum):
