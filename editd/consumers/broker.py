@@ -219,7 +219,7 @@ class EmbeddedBroker:
 
     @property
     def storage(self) -> str:
-        return f"disk, {self.storage_dir}" if self.storage_dir is not None else "memory"
+        return f"disk storage in {self.storage_dir}" if self.storage_dir else "memory storage"
 
     def start(self) -> EmbeddedBroker:
         if self.process is not None:
@@ -343,7 +343,7 @@ class EmbeddedBroker:
             "--storage-engine",
             engine,
         ]
-        log.info("starting embedded broker on %s (%s storage)", self.url, self.storage)
+        log.info("starting embedded broker on %s (%s)", self.url, self.storage)
         self.process = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -379,7 +379,7 @@ class EmbeddedBroker:
             self._start_store()
         if self.process is not None and self.process.poll() is not None:
             log.warning(
-                "embedded broker exited (%s); restarting it on %s (%s storage)",
+                "embedded broker exited (%s); restarting it on %s (%s)",
                 self.process.returncode,
                 self.url,
                 self.storage,
@@ -482,8 +482,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         broker.start()
         print(
-            f"editd broker: listening on {broker.bootstrap_servers[0]} ({broker.storage} "
-            f"storage), topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
+            f"editd broker: listening on {broker.bootstrap_servers[0]} ({broker.storage}), "
+            f"topics: {', '.join(broker.topics)}. Ctrl-C stops it.",
             file=sys.stderr,
             flush=True,
         )

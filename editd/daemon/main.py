@@ -221,7 +221,7 @@ def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
     )
     broker.start().supervise()
     stack.callback(broker.stop)
-    log.info("embedded broker on %s (%s storage)", broker.bootstrap_servers[0], broker.storage)
+    log.info("embedded broker on %s (%s)", broker.bootstrap_servers[0], broker.storage)
     return broker.bootstrap_servers
 
 
