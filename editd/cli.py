@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fetched once) or builtin (the packaged world model).",
     )
     p.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one).")
+    p.add_argument(
+        "--role",
+        choices=["editor", "replica"],
+        help="editor (default): consume facts and edit; replica: serve the editor's versions "
+        "from the update log (kafka.updates_topic).",
+    )
 
     p = command("broker", "editd.consumers.broker:main", "Run the embedded Kafka broker.")
     p.add_argument("--port", type=int, help="Port on 127.0.0.1 (default kafka.embedded_port).")
@@ -208,6 +214,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     servers = get("bootstrap_servers")
     return {
         "log_level": get("log_level"),
+        "role": get("role"),
         "kafka": {
             "bootstrap_servers": servers.split(",") if servers else None,
             "topic": get("topic"),

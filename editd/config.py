@@ -50,6 +50,17 @@ class KafkaSettings(Section):
         None, description="The embedded broker's disk; default <store.data_dir>/broker."
     )
     partitions: int = Field(1, gt=0, description="Partitions of topics the daemon creates.")
+    updates_topic: str = Field(
+        "model-updates",
+        description="The update log: the editor publishes every durable version and rollback "
+        "there (one partition, unlimited retention); replicas follow it.",
+    )
+    update_chunk_bytes: int = Field(
+        512 * 1024,
+        gt=0,
+        description="Largest record on the update log; a bigger version is split into chunks "
+        "(keep it under the brokers' message.max.bytes).",
+    )
     # A secured cluster. Every client editd makes (consumer, dead letters, rejected facts,
     # topic creation, `editd publish`) uses these; consumers/security.py turns them into
     # kafka-python options and checks them at start.
@@ -223,6 +234,11 @@ class Settings(BaseSettings):
     eval: EvalSettings = EvalSettings()
     serve: ServeSettings = ServeSettings()
     store: StoreSettings = StoreSettings()
+    role: Literal["editor", "replica"] = Field(
+        "editor",
+        description="editor: consume facts, edit, evaluate, publish versions; replica: serve "
+        "the versions the editor publishes on kafka.updates_topic.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

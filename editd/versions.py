@@ -39,8 +39,9 @@ from editd.editing.model import ModelHandle
 from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate
 from editd.store.outbox import Rejected, batch_record_id
-from editd.store.store import EditStore, StoreError
+from editd.store.store import EditStore, StoreError, UpdateRefused
 from editd.store.version import Version, now
+from editd.store.wire import Current
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,47 @@ class VersionedModel:
                     f"{mismatched}"
                 )
             return RolledBack(undone_from, to_version, tuple(records))
+
+    # -- following an editor (a replica) ----------------------------------------------------
+
+    def ingest(
+        self, record: Version, factors: Mapping[str, Any], base_sha256: Mapping[str, str]
+    ) -> bool:
+        """Keep an editor's version (from the update log), checked by sha256, not yet served.
+        False when it is here already. Raises `UpdateRefused`."""
+        with self._changing:
+            return self.store.ingest(record, factors, base_sha256)
+
+    def follow(self, current: Current) -> list[int]:
+        """Serve the version the editor serves (the replica's apply): durably current in this
+        store first, then swapped under the write lock, then checked bit for bit. Returns the
+        versions it undid. Raises `UpdateRefused` for a record that does not match the store."""
+        with self._changing:
+            target = current.version
+            missing = [v for v in current.lineage if not self.store.has(v)]
+            if missing:
+                raise UpdateRefused(
+                    f"the editor serves version {target}, but versions {missing} of its lineage "
+                    f"never arrived on the log"
+                )
+            here = self.store.lineage(target)
+            if here != list(current.lineage):
+                raise UpdateRefused(
+                    f"version {target}'s lineage here {here} is not the editor's "
+                    f"{list(current.lineage)}"
+                )
+            if self.store.expected_sha256(target) != current.sha256:
+                raise UpdateRefused(f"version {target}'s sha256 here differ from the record's")
+            if target == self._version and self.store.current == target:
+                return []
+            undone = self.store.follow(target, current.reason, current.at)
+            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(target))
+            mismatched = self._mismatched(target)
+            if mismatched:
+                raise RestoreFailed(
+                    f"version {target} serves weights that differ from its record in {mismatched}"
+                )
+            return undone
 
     def reject(self, facts: Sequence[FactUpdate | Mapping[str, Any]], reason: str) -> Rejected:
         """Facts that will never be applied: durably into the outbox, to be published."""

@@ -181,6 +181,9 @@ class Daemon:
     def is_ready(self) -> bool:
         return self.ready
 
+    def readiness(self) -> dict[str, Any]:
+        return {"role": "editor"}
+
     def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
         result = self.generator.complete(prompts, params)
         self.tokens.inc(result.completion_tokens)

@@ -186,6 +186,9 @@ class StoreBackedService:
     def is_ready(self) -> bool:
         return True
 
+    def readiness(self) -> dict[str, Any]:
+        return {"role": "editor"}
+
     def versions(self) -> list[dict[str, Any]]:
         return self.store.listing()
 

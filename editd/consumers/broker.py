@@ -110,6 +110,7 @@ def ensure_topics(
     replication_factor: int = -1,
     timeout_s: float = 30.0,
     options: dict[str, Any] | None = None,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the ones created.
 
@@ -128,7 +129,11 @@ def ensure_topics(
     try:
         response = admin.create_topics(
             {
-                name: {"num_partitions": partitions, "replication_factor": replication_factor}
+                name: {
+                    "num_partitions": partitions,
+                    "replication_factor": replication_factor,
+                    **({"configs": dict(configs)} if configs else {}),
+                }
                 for name in names
             },
             timeout_ms=int(timeout_s * 1000),
@@ -455,6 +460,16 @@ def embedded_storage_dir(settings: Settings) -> Path | None:
     return Path(kafka.embedded_data_dir or Path(settings.store.data_dir) / "broker")
 
 
+def ensure_update_log(
+    servers: Sequence[str], kafka: KafkaSettings, options: dict[str, Any] | None = None
+) -> None:
+    """The update log: one partition (its order is the point), kept for ever (a replica
+    started from nothing rebuilds from it)."""
+    from editd.consumers.updates import TOPIC_CONFIGS
+
+    ensure_topics(servers, [kafka.updates_topic], 1, options=options, configs=TOPIC_CONFIGS)
+
+
 def default_topics(kafka: KafkaSettings) -> list[str]:
     """The topics editd reads and writes: facts, dead letters, rejected facts."""
     return [kafka.topic, kafka.dlq, kafka.rejected]
@@ -470,7 +485,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     port = getattr(args, "port", None) or kafka.embedded_port
     broker = EmbeddedBroker(
         port=port,
-        topics=default_topics(kafka),
+        topics=[*default_topics(kafka), kafka.updates_topic],
         partitions=kafka.partitions,
         storage_dir=embedded_storage_dir(settings),
     )

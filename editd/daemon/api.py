@@ -79,6 +79,11 @@ class Service(Protocol):
         """True once the model is loaded, and False while a restore or rollback rewrites it."""
         ...
 
+    def readiness(self) -> dict[str, Any]:
+        """What `/readyz` adds to ready and version: the role and, on a replica, how far it
+        lags the update log. Called on the event loop: read attributes only."""
+        ...
+
     def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
         """Run one completion request (normally `Generator.complete`, plus request metrics)."""
         ...
@@ -260,7 +265,7 @@ def create_app(
     async def readyz() -> JSONResponse:
         ready = service.is_ready()
         return JSONResponse(
-            {"ready": ready, "version": service.current_version()},
+            {"ready": ready, "version": service.current_version(), **service.readiness()},
             status_code=200 if ready else 503,
         )
 

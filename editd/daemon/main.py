@@ -34,6 +34,7 @@ from editd.consumers.broker import (
     default_topics,
     embedded_storage_dir,
     ensure_topics,
+    ensure_update_log,
 )
 from editd.consumers.consumer import BatchFailed, FactConsumer
 from editd.consumers.security import KafkaSecurityError, check_connection, client_options
@@ -65,7 +66,7 @@ class _Starting:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self.target: EditService | None = None
+        self.target: Any = None  # the EditService, or a replica's ReplicaService
 
     @property
     def model_name(self) -> str:
@@ -76,6 +77,9 @@ class _Starting:
 
     def is_ready(self) -> bool:
         return self.target.is_ready() if self.target else False
+
+    def readiness(self) -> dict[str, Any]:
+        return self.target.readiness() if self.target else {"role": self._settings.role}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._metrics.observe_request(route, status, seconds)
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # kafka-python logs every reconnect attempt at INFO/ERROR; the consumer reports outages.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     stop = threading.Event()
-    consumer: list[FactConsumer] = []
+    consumer: list[Any] = []  # what a signal stops: the fact consumer, or a replica's follower
     _install_signals(stop, consumer)
     metrics = Metrics()
     service_proxy = _Starting(settings, metrics)
@@ -113,6 +117,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         stack.callback(server.stop)
         server.start(create_app(service_proxy, settings.serve))
         log.info("HTTP on %s (not ready until the model is loaded)", server.url)
+        if settings.role == "replica":
+            from editd.daemon.replica import serve_replica
+
+            return serve_replica(settings, metrics, service_proxy, stop, consumer, stack)
         try:
             servers = _kafka(settings, stack)
         except BrokerError as exc:
@@ -168,7 +176,7 @@ class StoreFailure(Exception):
         self.code = code
 
 
-def _stop_consuming(stop: threading.Event, consumer: list[FactConsumer]) -> None:
+def _stop_consuming(stop: threading.Event, consumer: list[Any]) -> None:
     stop.set()
     for c in consumer:
         c.stop()
@@ -189,7 +197,7 @@ def _with_admin_token(settings: Settings) -> Settings:
     return settings.model_copy(update={"serve": serve})
 
 
-def _install_signals(stop: threading.Event, consumer: list[FactConsumer]) -> None:
+def _install_signals(stop: threading.Event, consumer: list[Any]) -> None:
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():
             # Second signal: exit now. Nothing is lost: what is not durable is replayed.
@@ -212,10 +220,12 @@ def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
             kafka.partitions,
             options=client_options(kafka),
         )
+        ensure_update_log(kafka.bootstrap_servers, kafka, options=client_options(kafka))
         return list(kafka.bootstrap_servers)
     broker = EmbeddedBroker(
         port=kafka.embedded_port,
-        topics=default_topics(kafka),
+        # The update log too (Tansu keeps no retention limit; each revive recreates it).
+        topics=[*default_topics(kafka), kafka.updates_topic],
         partitions=kafka.partitions,
         storage_dir=embedded_storage_dir(settings),
     )
@@ -231,21 +241,12 @@ def _load(
     # The model loads here, after the socket and the broker are up (torch itself is imported
     # with this module, which takes a second or two, not the minutes a model can).
     from editd.editing.editor import Editor, EditorConfig
-    from editd.editing.model import ModelHandle
     from editd.models.corpus import stats_corpus
-    from editd.models.registry import is_builtin, resolve_model
+    from editd.models.registry import is_builtin
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline
-    from editd.store.store import StoreError, StoreLocked, StoreMismatch
-    from editd.versions import VersionedModel
 
-    path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
-    handle = ModelHandle.load(
-        path,
-        settings.model.device,
-        settings.model.dtype,
-        module_template=settings.editing.module_template,
-    )
+    path, handle = load_handle(settings)
     data_dir = Path(settings.store.data_dir)
     cache_dir = settings.editing.stats_cache or data_dir / "cache"
     corpus = stats_corpus(
@@ -260,19 +261,7 @@ def _load(
         corpus=corpus,
         cache_dir=cache_dir,
     )
-    try:
-        model = VersionedModel.open(
-            handle,
-            data_dir,
-            editor=editor,
-            snapshot_every=settings.store.snapshot_every,
-        )
-    except StoreLocked as exc:
-        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_LOCKED) from exc
-    except StoreMismatch as exc:
-        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_MISMATCH) from exc
-    except StoreError as exc:  # RestoreFailed, StoreCorrupt, VersionNotFound
-        raise StoreFailure(f"edit store: {exc}", EXIT_RESTORE_FAILED) from exc
+    model = open_versioned(settings, handle, editor=editor)
     stack.callback(model.close)
     starting = "the evaluator is starting (scoring the base model)"
     service = EditService(
@@ -320,6 +309,45 @@ def _load(
 
     service.prepare_in_background(first=guards)
     return service
+
+
+def load_handle(settings: Settings) -> tuple[Path, Any]:
+    """The served model, resolved (a name is fetched once) and loaded: (its directory, handle)."""
+    from editd.editing.model import ModelHandle
+    from editd.models.registry import resolve_model
+
+    path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
+    handle = ModelHandle.load(
+        path,
+        settings.model.device,
+        settings.model.dtype,
+        module_template=settings.editing.module_template,
+    )
+    return path, handle
+
+
+def open_versioned(
+    settings: Settings, handle: Any, *, editor: Any = None, modules: list[str] | None = None
+) -> Any:
+    """The `VersionedModel` on the configured store, serving its current version; a store that
+    cannot be served from is a `StoreFailure` carrying the exit code that names why."""
+    from editd.store.store import StoreError, StoreLocked, StoreMismatch
+    from editd.versions import VersionedModel
+
+    try:
+        return VersionedModel.open(
+            handle,
+            Path(settings.store.data_dir),
+            editor=editor,
+            modules=modules,
+            snapshot_every=settings.store.snapshot_every,
+        )
+    except StoreLocked as exc:
+        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_LOCKED) from exc
+    except StoreMismatch as exc:
+        raise StoreFailure(f"edit store: {exc}", EXIT_STORE_MISMATCH) from exc
+    except StoreError as exc:  # RestoreFailed, StoreCorrupt, VersionNotFound
+        raise StoreFailure(f"edit store: {exc}", EXIT_RESTORE_FAILED) from exc
 
 
 def _evaluation_sets(

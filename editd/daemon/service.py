@@ -34,6 +34,7 @@ from prometheus_client import generate_latest
 from editd.config import Settings
 from editd.consumers.rejected import OutboxPublisher
 from editd.consumers.security import client_options
+from editd.consumers.updates import UpdateLogPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound
 from editd.daemon.generation import Completion, Generator, SamplingParams
 from editd.editing.scoring import canary_accuracy, score_facts
@@ -42,9 +43,12 @@ from editd.monitoring.evaluator import Evaluator
 from editd.monitoring.metrics import STAGES, Metrics
 from editd.monitoring.policy import Evaluation, Measurement
 from editd.store.store import StoreError
+from editd.store.wire import UpdateLogSource
 from editd.versions import Busy, VersionedModel
 
 log = logging.getLogger(__name__)
+
+UPDATE_LOG_STATE = "update-log.json"  # in the data dir: what the update log already holds
 
 
 class DeviceError(FatalError):
@@ -121,9 +125,23 @@ class EditService:
         self._last_rollback: dict[str, Any] | None = None
         self._editing: dict[str, Any] | None = None  # the batch being edited, for /v1/status
         self._stats: dict[str, Any] = {"ready": self.editor.prepared, "seconds": None}
+        self.updates = UpdateLogPublisher(
+            UpdateLogSource(model.store),
+            self.bootstrap_servers,
+            settings.kafka.updates_topic,
+            state_file=model.store.root / UPDATE_LOG_STATE,
+            chunk_bytes=settings.kafka.update_chunk_bytes,
+            options=client_options(settings.kafka),
+        )
         self.generator = Generator(self.handle, self.current_version)
-        # The gauge moves with the swap itself, under the model's write lock.
-        model.on_change = metrics.model_version.set
+
+        def changed(version: int) -> None:
+            # Under the model's write lock, with the swap itself: the gauge moves with the
+            # weights, and the update-log publisher wakes (it reads the durable store).
+            metrics.model_version.set(version)
+            self.updates.notify()
+
+        model.on_change = changed
         metrics.model_version.set(model.current)
 
     # -- start-up ---------------------------------------------------------------------------
@@ -153,11 +171,14 @@ class EditService:
         return thread
 
     def start(self) -> None:
-        """Start the rejected-facts publisher (it drains what an earlier run left too)."""
+        """Start the publishers: rejected facts (draining what an earlier run left too) and the
+        update log (publishing what an earlier run made durable but did not publish)."""
         self.publisher.start()
+        self.updates.start()
 
     def stop(self) -> None:
         self.publisher.stop()
+        self.updates.stop()
 
     # -- api.Service --------------------------------------------------------------------------
 
@@ -170,6 +191,9 @@ class EditService:
 
     def is_ready(self) -> bool:
         return self._fatal is None
+
+    def readiness(self) -> dict[str, Any]:
+        return {"role": "editor", "published_version": self.updates.published}
 
     def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
         completion = self.generator.complete(prompts, params)
@@ -200,6 +224,8 @@ class EditService:
 
     def export_consumer_stats(self) -> None:
         """Carry the consumer's plain counters (it knows no Prometheus) into the metrics."""
+        if self.updates.published is not None:
+            self.metrics.update_log_version.set(self.updates.published)
         lag = self.consumer_lag() if self.consumer_lag else None
         if lag is not None:
             self.metrics.consumer_lag.set(lag)
@@ -233,6 +259,12 @@ class EditService:
                 for check in ("applied", "probe", "canary")
             },
             "rejected_pending": self.model.store.outbox.facts_pending(),
+            "update_log": {
+                "topic": self.updates.topic,
+                "published_version": self.updates.published,
+                "bytes_published": self.updates.bytes_published,
+                "error": self.updates.error,
+            },
             "consumer": _consumer_counts(self.consumer_stats),
             "evaluation": self.evaluator.status() if self.evaluator else None,
         }

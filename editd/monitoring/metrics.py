@@ -117,6 +117,28 @@ class Metrics:
             registry=r,
         )
 
+        # The update log (consumers/updates.py): the editor publishes, replicas follow.
+        self.update_log_version = Gauge(
+            "update_log_version",
+            "Editor: the version the update log last said is current (published). Replica: "
+            "the version the last current record it read named.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.update_log_lag = Gauge(
+            "update_log_lag_records",
+            "Replica: update-log records after the last one it read (0: caught up).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.update_log_refused = Counter(
+            "update_log_refused",
+            "Replica: update-log records refused (bad checksum, sha256, lineage); the replica "
+            "keeps serving its last good version.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
         # Editing (editing/ via daemon/).
         self.batch_edit_seconds = Histogram(
             "batch_edit_seconds",

@@ -83,6 +83,10 @@ class StoreCorrupt(StoreError):
     """A committed file is missing or unreadable: the store needs an operator."""
 
 
+class UpdateRefused(StoreError):
+    """A version or current record from the update log that this store will not take."""
+
+
 class VersionNotFound(StoreError):
     """No version of that number exists (live or undone)."""
 
@@ -258,6 +262,11 @@ class EditStore:
         self._require_open()
         return {name: m["sha256"] for name, m in self._base_meta.items()}
 
+    def has(self, version: int) -> bool:
+        with self._lock:
+            self._require_open()
+            return version in self._manifests
+
     def version(self, version: int | None = None) -> Version:
         """The record of a version (live or undone); the live one by default."""
         with self._lock:
@@ -360,6 +369,19 @@ class EditStore:
                 for name in sorted(update["left"]):
                     out.setdefault(name, []).append((update["left"][name], update["right"][name]))
             return out
+
+    def version_factors(self, version: int) -> dict[str, torch.Tensor]:
+        """One version's own float32 factors, `<module>.left|right`: what the update log carries."""
+        with self._lock:
+            self.version(version)
+            if version == 0:
+                return {}
+            update = self._read_update(version, parts=("left", "right"))
+            return {
+                f"{name}.{part}": update[part][name]
+                for part in ("left", "right")
+                for name in sorted(update[part])
+            }
 
     def base(self) -> dict[str, torch.Tensor]:
         """The base tensors (CPU, exact dtype). Treat as read-only."""
@@ -500,6 +522,115 @@ class EditStore:
             self._current = to_version
             self._delta_cache = None
             return records
+
+    def ingest(
+        self, record: Version, factors: Mapping[str, torch.Tensor], base_sha256: Mapping[str, str]
+    ) -> bool:
+        """Keep a version another store made (the editor's, from the update log) under its own
+        number and parent, without serving it; `follow` serves it.
+
+        Refused with `UpdateRefused` (nothing written) unless the base is this store's, the
+        parent is here, and base + the lineage's factors rebuild exactly the tensors whose
+        sha256 the record names. Returns False when the same version is here already.
+        """
+        with self._lock:
+            self._require_writable()
+            v = record.version
+            mine = self.base_sha256()
+            if dict(base_sha256) != mine:
+                differ = sorted(
+                    n for n in set(mine) | set(base_sha256) if mine.get(n) != base_sha256.get(n)
+                )
+                raise UpdateRefused(
+                    f"version {v} was made on another base model (or other edited modules): "
+                    f"{differ[:3]} differ; run the replica with the editor's model and layers"
+                )
+            if v in self._manifests:
+                here = self._manifests[v]
+                if here.parent == record.parent and here.sha256 == record.sha256:
+                    return False
+                raise UpdateRefused(
+                    f"version {v} conflicts with the version {v} already here (parent "
+                    f"{here.parent}, not {record.parent}): the log belongs to another editor"
+                )
+            if v <= 0 or record.parent is None or record.parent not in self._manifests:
+                raise UpdateRefused(
+                    f"version {v} builds on version {record.parent}, which never arrived"
+                )
+            previous = self.deltas(record.parent)
+            new = dict(previous)
+            tensors: dict[str, torch.Tensor] = {}
+            for name in sorted(record.modules):
+                if name not in self._base_meta:
+                    raise UpdateRefused(
+                        f"version {v} edits {name}, which this store does not hold "
+                        f"({sorted(self._base_meta)}); run the replica with the editor's layers"
+                    )
+                left, right = (_f32(factors[f"{name}.{p}"]) for p in ("left", "right"))
+                d_out, d_in = self._base_meta[name]["shape"]
+                if (
+                    left.dim() != 2
+                    or right.dim() != 2
+                    or left.shape[0] != d_out
+                    or (right.shape[1] != d_in or left.shape[1] != right.shape[0])
+                ):
+                    raise UpdateRefused(f"version {v}: {name} factors do not fit ({d_out}, {d_in})")
+                new[name] = accumulate(previous.get(name), left, right)
+                tensors[f"{name}.left"], tensors[f"{name}.right"] = left, right
+                tensors[f"{name}.keys"] = torch.zeros(d_in, 0)  # the editor keeps the keys
+            base = self.base()
+            sha = {
+                name: tensor_sha256(served_weight(t, new[name]) if name in new else t)
+                for name, t in sorted(base.items())
+            }
+            if sha != dict(record.sha256):
+                wrong = sorted(n for n in sha if sha[n] != record.sha256.get(n))
+                raise UpdateRefused(
+                    f"version {v} does not rebuild to the sha256 its record names ({wrong[:3]}): "
+                    f"the record is corrupt"
+                )
+            kept = record.replace(state=VersionState.COMMITTED, undone=None)
+            self._write_version_dir(v, kept, update=tensors)
+            self._manifests[v] = kept
+            self._max_version = max(self._max_version, v)
+            # Usually served next: keep D_v so `follow` does not replay the lineage.
+            self._delta_cache = (v, new)
+            if (len(self.lineage(v)) - 1) % self.snapshot_every == 0:
+                self._write_snapshot(v, new)
+            return True
+
+    def follow(self, target: int, reason: str | None, at: str | None = None) -> list[int]:
+        """Make `target` (ingested, with its whole lineage) live, as the editor did; the live
+        versions not in its lineage are marked undone with `reason`. Returns them."""
+        with self._lock:
+            self._require_writable()
+            if target not in self._manifests:
+                raise UpdateRefused(f"version {target} is served on the log but never arrived")
+            keep = self.lineage(target)
+            chain = self.lineage()
+            undone = [v for v in chain if v not in keep]
+            mark = Undo(
+                at=at or now(),
+                reason=reason or "rolled back on the editor",
+                to_version=target,
+                from_version=self._current,
+            )
+            for v in reversed(undone):
+                m = self._manifests[v].replace(state=VersionState.UNDONE, undone=mark)
+                self._write_manifest(v, m)
+                self._manifests[v] = m
+            for v in keep:
+                # The editor never revives an undone version; this is the log replayed from an
+                # earlier offset over this store (a lost position file), converging again.
+                if self._manifests[v].state is VersionState.UNDONE:
+                    m = self._manifests[v].replace(state=VersionState.COMMITTED, undone=None)
+                    self._write_manifest(v, m)
+                    self._manifests[v] = m
+            durable.write_bytes(self.root / "CURRENT", f"{target}\n".encode())
+            self._current = target
+            if self._delta_cache is not None and self._delta_cache[0] != target:
+                self._delta_cache = None
+            return undone
 
     def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
         """Store an evaluation's scores in a version's manifest (atomically replaced)."""
