@@ -40,6 +40,7 @@ class Daemon:
         linger: float = 1.0,
         admin_token: str = "test-token",
         env: dict[str, str] | None = None,
+        role: str = "editor",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -63,6 +64,8 @@ class Daemon:
             str(linger),
             "--http-port",
             str(self.port),
+            "--role",
+            role,
         ]
         self.env = {
             **os.environ,

@@ -571,7 +571,8 @@ def test_readyz_is_503_while_not_ready(http: TestClient, daemon: Daemon) -> None
     daemon.ready = False
     try:
         r = http.get("/readyz")
-        assert r.status_code == 503 and r.json() == {"ready": False, "version": 0}
+        assert r.status_code == 503
+        assert r.json() == {"ready": False, "version": 0, "role": "editor"}
         assert http.get("/livez").status_code == 200
         r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"

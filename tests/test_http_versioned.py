@@ -77,7 +77,12 @@ def test_ready_before_c0_and_only_the_first_edit_waits(
     service.prepare_in_background().join(60)
     assert http.get("/v1/status").json()["stats"]["ready"] is True
     service.apply_batch(make_requests(2, seed=1))
-    assert http.get("/readyz").json() == {"ready": True, "version": 1}
+    assert http.get("/readyz").json() == {
+        "ready": True,
+        "version": 1,
+        "role": "editor",
+        "published_version": None,  # no broker here: nothing published
+    }
 
 
 def test_the_version_header_names_the_weights_that_answered(

@@ -39,7 +39,7 @@ def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
 def test_promtool_check_rules() -> None:
     result = run_promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -156,6 +156,14 @@ def test_compose_file() -> None:
         path = key.removeprefix("EDITD_").lower().split("__")
         section = Settings.model_fields[path[0]].annotation
         assert path[1] in section.model_fields, key
+    # One editor, two replicas on the same image and model.
+    replicas = [
+        s for s in services.values() if s.get("command", [])[:3] == ["run", "--role", "replica"]
+    ]
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert replica["image"] == editd["image"]
+        assert replica["environment"]["EDITD_MODEL__PATH"] == env["EDITD_MODEL__PATH"]
     for service in ("prometheus", "grafana"):
         for volume in services[service]["volumes"]:
             source = volume.split(":")[0]
@@ -174,15 +182,28 @@ def test_k8s_manifests() -> None:
     assert set(kinds) >= {
         "Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceMonitor",
     }  # fmt: skip
-    pod = kinds["Deployment"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    named = {(d["kind"], d.get("metadata", {}).get("name")): d for d in docs}
+    editor, replica = named["Deployment", "editd"], named["Deployment", "editd-replica"]
+    for deployment in (editor, replica):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    (container,) = editor["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container.get("env", [])}
     secret_ref = env["EDITD_SERVE__ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret_ref["name"] == kinds["Secret"]["metadata"]["name"]
-    assert kinds["Deployment"]["spec"]["strategy"]["type"] == "Recreate"  # one writer per store
+    assert editor["spec"]["replicas"] == 1
+    assert editor["spec"]["strategy"]["type"] == "Recreate"  # one writer per store
+    # N replicas behind their own Service, started as replicas.
+    (container,) = replica["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:3] == ["run", "--role", "replica"]
+    assert replica["spec"]["replicas"] > 1
+    labels = replica["spec"]["template"]["metadata"]["labels"]
+    selector = named["Service", "editd-replica"]["spec"]["selector"]
+    assert selector.items() <= labels.items()
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert "replicas.yaml" in kustomization["resources"]
 
 
 def test_k8s_config_map_is_a_valid_editd_config(tmp_path: Path) -> None:

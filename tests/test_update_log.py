@@ -1,0 +1,158 @@
+"""The update log without a broker: chunks reassemble to the exact payload or are refused, and
+a replica's store that ingests the editor's payloads serves the editor's tensors bit for bit,
+refusing any record that would serve something else."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from editd.consumers.updates import CURRENT, VERSION, Assembler, LogRecord, Refusal, messages
+from editd.store.store import EditStore, UpdateRefused
+from editd.store.wire import (
+    UpdateLogSource,
+    WireError,
+    decode_current,
+    decode_version,
+    encode_version,
+)
+from tests.test_store_versions import base_of, commit_n, make_facts, make_update, tiny_llama
+
+
+def feed_all(assembler: Assembler, msgs, first_offset: int = 0) -> list:
+    out = []
+    for i, (_key, value, headers) in enumerate(msgs):
+        got = assembler.feed(first_offset + i, value, headers)
+        if got is not None:
+            out.append(got)
+    return out
+
+
+def test_a_payload_split_into_chunks_reassembles_exactly():
+    payload = bytes(range(256)) * 41  # 10,496 bytes
+    msgs = messages(VERSION, 7, payload, chunk_bytes=1000)
+    assert len(msgs) == 11
+    assert all(len(value) <= 1000 for _, value, _ in msgs)
+    [record] = feed_all(Assembler(), msgs, first_offset=40)
+    assert isinstance(record, LogRecord)
+    assert (record.kind, record.version, record.payload) == (VERSION, 7, payload)
+    assert (record.first_offset, record.next_offset) == (40, 51)
+
+
+def test_a_corrupted_chunk_is_refused_by_checksum():
+    payload = b"x" * 5000
+    msgs = messages(VERSION, 3, payload, chunk_bytes=1024)
+    key, value, headers = msgs[2]
+    msgs[2] = (key, value[:-1] + b"y", headers)
+    [refused] = feed_all(Assembler(), msgs)
+    assert isinstance(refused, Refusal)
+    assert refused.version == 3 and "checksum" in refused.why
+
+
+def test_missing_and_foreign_chunks_are_refused_and_the_next_record_still_reads():
+    a = Assembler()
+    first = messages(VERSION, 4, b"a" * 3000, chunk_bytes=1000)
+    second = messages(CURRENT, 4, b'{"x": 1}', chunk_bytes=1000)
+    got = feed_all(a, [first[0], first[2]])  # chunk 1 lost
+    assert len(got) == 1 and isinstance(got[0], Refusal) and "out of order" in got[0].why
+    assert a.feed(10, b"hello", [("kind", b"version")]).why.startswith("not an update-log")
+    [ok] = feed_all(a, second, first_offset=11)
+    assert isinstance(ok, LogRecord) and ok.kind == CURRENT
+
+
+def _editor_and_replica(tmp_path, n: int):
+    base = base_of(tiny_llama(torch.float32))
+    editor = EditStore(tmp_path / "editor")
+    editor.create(base)
+    commit_n(editor, base, n)
+    replica = EditStore(tmp_path / "replica")
+    replica.create(base)
+    return base, editor, replica
+
+
+def _ship(source: UpdateLogSource, replica: EditStore, previous: int | None) -> list[int]:
+    """What a replica does with one publication: every version it lacks, then the current."""
+    target = source.current()
+    for v in source.lineage(target)[1:]:
+        record, factors, base_sha = decode_version(source.version_payload(v))
+        replica.ingest(record, factors, base_sha)
+    current = decode_current(source.current_payload(target, previous))
+    assert list(current.lineage) == replica.lineage(target)
+    return replica.follow(current.version, current.reason, current.at)
+
+
+def test_a_replica_store_serves_the_editors_tensors_and_its_rollbacks(tmp_path):
+    _, editor, replica = _editor_and_replica(tmp_path, 5)
+    source = UpdateLogSource(editor)
+    assert _ship(source, replica, None) == []
+    assert replica.current == 5
+    assert replica.expected_sha256() == editor.expected_sha256()
+    assert replica.verify() == []  # rebuilt from the replica's own disk
+    # Ingesting again is a no-op: a republished version is recognised.
+    record, factors, base_sha = decode_version(source.version_payload(3))
+    assert replica.ingest(record, factors, base_sha) is False
+
+    editor.rollback(2, "canary fell")
+    undone = _ship(source, replica, previous=5)
+    assert undone == [3, 4, 5]
+    assert replica.current == 2 and replica.expected_sha256() == editor.expected_sha256()
+    assert replica.version(4).undone.reason == "canary fell"
+    assert replica.verify() == []
+
+    # A new version after the rollback builds on 2 under the editor's number.
+    base = editor.base()
+    editor.commit(make_update(base, seed=9), make_facts(6), {"facts/0": 60})
+    assert _ship(source, replica, previous=2) == []
+    assert replica.current == editor.current == 6
+    assert replica.lineage() == editor.lineage() == [0, 1, 2, 6]
+    reopened = EditStore(tmp_path / "replica", readonly=True)
+    reopened.open()
+    assert reopened.current == 6 and reopened.verify() == []
+
+
+def test_a_republished_version_carries_the_same_record_and_factors(tmp_path):
+    _, editor, _ = _editor_and_replica(tmp_path, 2)
+    source = UpdateLogSource(editor)
+    record, factors, _ = decode_version(source.version_payload(2))
+    editor.record_scores(2, {"s": 0.9})  # scores change after publication, on the editor only
+    again, factors_again, _ = decode_version(source.version_payload(2))
+    assert again == record and again.scores is None
+    assert factors.keys() == factors_again.keys()
+    assert all(torch.equal(factors[k], factors_again[k]) for k in factors)
+
+
+def test_records_that_would_serve_other_weights_are_refused(tmp_path):
+    _, editor, replica = _editor_and_replica(tmp_path, 3)
+    source = UpdateLogSource(editor)
+    record, factors, base_sha = decode_version(source.version_payload(1))
+
+    # A payload whose checksum is fine but whose factors were altered before publishing.
+    tampered = dict(factors)
+    name = sorted(record.modules)[0]
+    tampered[f"{name}.left"] = tampered[f"{name}.left"].clone()
+    tampered[f"{name}.left"][0, 0] += 1e-3
+    forged = decode_version(encode_version(record, tampered, base_sha))
+    with pytest.raises(UpdateRefused, match="does not rebuild to the sha256"):
+        replica.ingest(*forged)
+
+    # A version whose parent never arrived.
+    r2, f2, b2 = decode_version(source.version_payload(2))
+    with pytest.raises(UpdateRefused, match="never arrived"):
+        replica.ingest(r2, f2, b2)
+
+    # Another base model.
+    other = {n: t + 1 for n, t in replica.base().items()}
+    wrong_base = {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in other.items()}
+    with pytest.raises(UpdateRefused, match="another base model"):
+        replica.ingest(record, factors, wrong_base)
+
+    # Not a payload at all.
+    with pytest.raises(WireError):
+        decode_version(b"\x00" * 32)
+
+    assert replica.current == 0 and not replica.has(1)  # nothing was kept
+    assert replica.ingest(record, factors, base_sha) is True
+    with pytest.raises(UpdateRefused, match="never arrived"):
+        replica.follow(3, None)
