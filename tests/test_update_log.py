@@ -5,11 +5,24 @@ refusing any record that would serve something else."""
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 
 import pytest
 import torch
 
-from editd.consumers.updates import CURRENT, VERSION, Assembler, LogRecord, Refusal, messages
+from editd.consumers.broker import ensure_topics
+from editd.consumers.updates import (
+    CURRENT,
+    TOPIC_CONFIGS,
+    VERSION,
+    Assembler,
+    LogRecord,
+    Refusal,
+    UpdateLogPublisher,
+    UpdateLogReader,
+    messages,
+)
 from editd.store.store import EditStore, UpdateRefused
 from editd.store.wire import (
     UpdateLogSource,
@@ -156,3 +169,67 @@ def test_records_that_would_serve_other_weights_are_refused(tmp_path):
     assert replica.ingest(record, factors, base_sha) is True
     with pytest.raises(UpdateRefused, match="never arrived"):
         replica.follow(3, None)
+
+
+def _read_log(servers, topic: str, start: int = 0, timeout: float = 20.0) -> list[LogRecord]:
+    reader = UpdateLogReader(servers, topic, start_offset=start)
+    out: list[LogRecord] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            got = reader.poll(0.5)
+            out += got
+            if not got and reader.lag() == 0:
+                break
+    finally:
+        reader.close()
+    assert all(isinstance(r, LogRecord) for r in out), out
+    return out
+
+
+@pytest.mark.broker
+def test_the_publisher_publishes_what_a_crash_or_a_stopped_store_left_unpublished(tmp_path, broker):
+    servers = broker.bootstrap_servers
+    topic = "updates-publisher"
+    ensure_topics(servers, [topic], 1, configs=TOPIC_CONFIGS)
+    base, editor, _ = _editor_and_replica(tmp_path, 3)
+    state = tmp_path / "editor" / "update-log.json"
+
+    def publisher() -> UpdateLogPublisher:  # a new process each time
+        return UpdateLogPublisher(
+            UpdateLogSource(editor), servers, topic, state_file=state, chunk_bytes=2048
+        )
+
+    first = publisher()
+    assert first.publish_once()
+    records = _read_log(servers, topic)
+    assert [(r.kind, r.version) for r in records if r.kind == CURRENT] == [(CURRENT, 3)]
+    assert sorted(r.version for r in records if r.kind == VERSION) == [1, 2, 3]
+    end = records[-1].next_offset
+
+    # Two versions committed while nothing published them (the editor crashed before), then a
+    # rollback of the stopped store: the next start publishes the versions the log lacks and
+    # one current record for the final state, nothing it published before.
+    editor.commit(make_update(base, seed=41), make_facts(4), {"facts/0": 40})
+    editor.commit(make_update(base, seed=42), make_facts(5), {"facts/0": 50})
+    editor.rollback(4, "operator: stopped store")
+    assert publisher().publish_once()
+    later = _read_log(servers, topic, start=end)
+    assert sorted({r.version for r in later if r.kind == VERSION}) == [4]
+    [current] = [decode_current(r.payload) for r in later if r.kind == CURRENT]
+    assert (current.version, current.undone, current.reason) == (4, (), None)
+    # The log's last word is what the store serves; publishing again adds nothing.
+    assert publisher().publish_once()
+    assert _read_log(servers, topic, start=later[-1].next_offset, timeout=3) == []
+
+    # A log that lost records (a broker without its disk) is republished in full.
+    lost = "updates-lost"
+    ensure_topics(servers, [lost], 1, configs=TOPIC_CONFIGS)
+    state.write_text(
+        json.dumps({"topic": lost, "versions": [1, 2, 3, 4], "current": 4, "end_offset": 99})
+    )
+    pub = UpdateLogPublisher(UpdateLogSource(editor), servers, lost, state_file=state)
+    assert pub.publish_once()
+    rebuilt = _read_log(servers, lost)
+    assert sorted(r.version for r in rebuilt if r.kind == VERSION) == [1, 2, 3, 4]
+    assert [r.version for r in rebuilt if r.kind == CURRENT] == [4]
