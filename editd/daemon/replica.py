@@ -40,7 +40,7 @@ from editd.config import Settings
 from editd.consumers.security import KafkaSecurityError, check_connection, client_options
 from editd.consumers.updates import VERSION, LogRecord, Refusal, UpdateLogReader
 from editd.daemon.errors import Conflict, FatalError
-from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.daemon.serving import Serving
 from editd.monitoring.metrics import Metrics
 from editd.store.store import UpdateRefused
 from editd.store.wire import WireError, decode_current, decode_version
@@ -208,29 +208,14 @@ class Follower:
         }
 
 
-class ReplicaService:
+class ReplicaService(Serving):
     """`api.Service` of a replica: serves completions; the admin calls live on the editor."""
 
     def __init__(self, settings: Settings, model: VersionedModel, metrics: Metrics) -> None:
-        self.settings = settings
-        self.model = model
-        self.metrics = metrics
+        super().__init__(settings, model, metrics)
         self.follower: Follower | None = None
-        self._fatal: FatalError | None = None
-        self.generator = Generator(model.handle, self.current_version)
         model.on_change = metrics.model_version.set
         metrics.model_version.set(model.current)
-
-    @property
-    def model_name(self) -> str:
-        return self.settings.model.name
-
-    @property
-    def fatal(self) -> FatalError | None:
-        return self._fatal
-
-    def current_version(self) -> int:
-        return self.model.current
 
     def is_ready(self) -> bool:
         return self._fatal is None and self.follower is not None and self.follower.caught_up
@@ -243,15 +228,6 @@ class ReplicaService:
             "accepting_versions": f.accepting if f else False,
             "why": (f.refused or {}).get("why") if f and not f.accepting else None,
         }
-
-    def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
-        completion = self.generator.complete(prompts, params)
-        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
-        self.metrics.generated_tokens.inc(completion.completion_tokens)
-        return completion
-
-    def versions(self) -> list[dict[str, Any]]:
-        return self.model.versions()
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
         raise Conflict(NOT_HERE.format(what="roll back"))
@@ -272,14 +248,6 @@ class ReplicaService:
             "served_sha256": self.model.served_sha256(),
             "follow": self.follower.status() if self.follower else None,
         }
-
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.metrics.observe_request(route, status, seconds)
-
-    def on_fatal(self, error: FatalError) -> None:
-        if self._fatal is None:
-            log.critical("fatal: %s; no longer ready", error)
-            self._fatal = error
 
 
 def serve_replica(

@@ -36,7 +36,7 @@ from editd.consumers.rejected import OutboxPublisher
 from editd.consumers.security import client_options
 from editd.consumers.updates import UpdateLogPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound
-from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.daemon.serving import Serving
 from editd.editing.scoring import canary_accuracy, score_facts
 from editd.facts import FactUpdate
 from editd.monitoring.evaluator import Evaluator
@@ -89,7 +89,7 @@ def measure(
     return Measurement(version=version, applied=applied, probe=probe_scores, canary=canary_score)
 
 
-class EditService:
+class EditService(Serving):
     def __init__(
         self,
         settings: Settings,
@@ -102,11 +102,8 @@ class EditService:
     ) -> None:
         if model.editor is None:
             raise ValueError("the editing service needs a versioned model with an editor")
-        self.settings = settings
-        self.model = model
-        self.handle = model.handle
+        super().__init__(settings, model, metrics)
         self.editor = model.editor
-        self.metrics = metrics
         self.bootstrap_servers = list(bootstrap_servers)
         self.canary = canary
         self.checks_off = dict(checks_off or {})  # check → why it is off
@@ -121,7 +118,6 @@ class EditService:
             options=client_options(settings.kafka),
         )
         self._exported: dict[str, int] = {}
-        self._fatal: FatalError | None = None
         self._last_rollback: dict[str, Any] | None = None
         self._editing: dict[str, Any] | None = None  # the batch being edited, for /v1/status
         self._stats: dict[str, Any] = {"ready": self.editor.prepared, "seconds": None}
@@ -133,7 +129,6 @@ class EditService:
             chunk_bytes=settings.kafka.update_chunk_bytes,
             options=client_options(settings.kafka),
         )
-        self.generator = Generator(self.handle, self.current_version)
 
         def changed(version: int) -> None:
             # Under the model's write lock, with the swap itself: the gauge moves with the
@@ -182,27 +177,11 @@ class EditService:
 
     # -- api.Service --------------------------------------------------------------------------
 
-    @property
-    def model_name(self) -> str:
-        return self.settings.model.name
-
-    def current_version(self) -> int:
-        return self.model.current
-
     def is_ready(self) -> bool:
         return self._fatal is None
 
     def readiness(self) -> dict[str, Any]:
         return {"role": "editor", "published_version": self.updates.published}
-
-    def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
-        completion = self.generator.complete(prompts, params)
-        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
-        self.metrics.generated_tokens.inc(completion.completion_tokens)
-        return completion
-
-    def versions(self) -> list[dict[str, Any]]:
-        return self.model.versions()
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
         """An operator's rollback (API or CLI through the API)."""
@@ -274,19 +253,10 @@ class EditService:
             raise Conflict("the evaluator is not running")
         return self.evaluator.evaluate().as_dict()
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.metrics.observe_request(route, status, seconds)
-
     def on_fatal(self, error: FatalError) -> None:
-        if self._fatal is None:
-            log.critical("fatal: %s; no longer ready", error)
-            self._fatal = error
+        super().on_fatal(error)
         if self.fatal_hook is not None:
             self.fatal_hook(error)
-
-    @property
-    def fatal(self) -> FatalError | None:
-        return self._fatal
 
     # -- the consumer's side --------------------------------------------------------------
 

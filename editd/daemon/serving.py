@@ -1,0 +1,56 @@
+"""What every editd process that answers requests shares, editor or replica: the served
+versioned model, completions with their token metrics, the version list, request metrics and
+the fatal state that turns `/readyz` to 503."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from editd.config import Settings
+from editd.daemon.errors import FatalError
+from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.monitoring.metrics import Metrics
+from editd.versions import VersionedModel
+
+log = logging.getLogger(__name__)
+
+
+class Serving:
+    """The serving half of `api.Service`; `EditService` and `ReplicaService` add their role."""
+
+    def __init__(self, settings: Settings, model: VersionedModel, metrics: Metrics) -> None:
+        self.settings = settings
+        self.model = model
+        self.handle = model.handle
+        self.metrics = metrics
+        self._fatal: FatalError | None = None
+        self.generator = Generator(self.handle, self.current_version)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model.name
+
+    def current_version(self) -> int:
+        return self.model.current
+
+    @property
+    def fatal(self) -> FatalError | None:
+        return self._fatal
+
+    def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
+        completion = self.generator.complete(prompts, params)
+        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
+        self.metrics.generated_tokens.inc(completion.completion_tokens)
+        return completion
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self.model.versions()
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.metrics.observe_request(route, status, seconds)
+
+    def on_fatal(self, error: FatalError) -> None:
+        if self._fatal is None:
+            log.critical("fatal: %s; no longer ready", error)
+            self._fatal = error
