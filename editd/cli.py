@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CounterFact / zsRE records (any accepted format); required for a real model.",
     )
     p.add_argument("--text", type=Path, help="Held-out text for the perplexity ratio.")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="Edit on this store (kept): running the command again resumes a long run.",
+    )
+    p.add_argument("--curve", type=Path, help="Append a JSON line every --curve-every edits.")
+    p.add_argument("--curve-every", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p = command(
         "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub

@@ -371,14 +371,43 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    result = run_bench(
-        handle,
-        settings,
-        algo=args.algo,
-        batch_size=args.batch_size,
-        edits=args.edits,
-        seed=args.seed,
-        workload=workload,
-    )
+    if args.store is not None or args.curve is not None:
+        result = _lifelong(args, handle, settings, workload)
+    else:
+        result = run_bench(
+            handle,
+            settings,
+            algo=args.algo,
+            batch_size=args.batch_size,
+            edits=args.edits,
+            seed=args.seed,
+            workload=workload,
+        )
     print_result(result, as_json=args.json)
     return 0
+
+
+def _lifelong(
+    args: argparse.Namespace, handle: ModelHandle, settings: Settings, workload: Workload | None
+) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    from editd.bench.lifelong import run_lifelong
+
+    work = workload or world_workload(args.edits, args.seed)
+    store = args.store or Path(tempfile.mkdtemp(prefix="editd-lifelong-"))
+    try:
+        return run_lifelong(
+            handle,
+            settings,
+            algo=args.algo,
+            batch_size=args.batch_size,
+            work=work,
+            store_dir=store,
+            curve_path=args.curve,
+            curve_every=max(1, getattr(args, "curve_every", 100)),
+        )
+    finally:
+        if args.store is None:
+            shutil.rmtree(store, ignore_errors=True)

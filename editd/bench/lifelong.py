@@ -1,0 +1,217 @@
+"""`editd bench edit --store DIR --curve FILE`: lifelong editing, resumable, with a curve.
+
+The same sequential protocol as `editd bench edit` (every batch through `VersionedModel.apply`),
+but on an edit store that survives the process: a run of thousands of edits (hours of CPU) is
+continued by running the same command again, which skips the facts the store already holds.
+The unedited model's figures are measured before the store is opened (the handle serves the
+base until then), so a resumed run compares against the same base.
+
+Every `--curve-every` edits (at a batch boundary) one JSON line goes to the curve file: ES, PS,
+NS and served ES on a fixed, evenly spread sample of the edits so far (early edits count only
+if they survived), the canary and perplexity ratios, the known facts kept, and the cumulative
+editing speed. After the last batch the full result (`run_bench`'s fields, over every edit) is
+printed, and the curve is drawn next to the file as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from editd.bench.edit import (
+    EditRun,
+    Workload,
+    _ratio,
+    apply_sequentially,
+    canary,
+    json_ready,
+    known_kept,
+    make_editor,
+    perplexity,
+    score,
+    served,
+)
+from editd.config import Settings
+from editd.editing.model import ModelHandle
+from editd.editing.scoring import summarize
+from editd.facts import FactUpdate
+from editd.versions import VersionedModel
+
+log = logging.getLogger(__name__)
+
+CURVE_SAMPLE = 100  # edits scored at each curve point (all of them at the end)
+CURVE_TEXTS = 100  # perplexity texts at each curve point
+
+
+def spread(items: Sequence[FactUpdate], n: int) -> list[FactUpdate]:
+    """`n` items evenly spread over `items` (all of them if fewer): early and late edits alike."""
+    if len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def measure(handle: ModelHandle, work: Workload, edited: Sequence[FactUpdate]) -> dict[str, Any]:
+    sample = spread(edited, CURVE_SAMPLE)
+    s = summarize(score(handle, sample)) if sample else None
+    srv = served(handle, sample) if sample else {}
+    return {
+        "es": s.es if s else None,
+        "ps": s.ps if s else None,
+        "ns": s.ns if s else None,
+        "served_es": srv.get("es"),
+        "canary": canary(handle, work.canary_prompts, work.canary_objects),
+        "perplexity": perplexity(handle, work.texts[:CURVE_TEXTS]),
+        "known_kept": known_kept(handle, work.known),
+        "sample": len(sample),
+    }
+
+
+def run_lifelong(
+    handle: ModelHandle,
+    settings: Settings,
+    *,
+    algo: str,
+    batch_size: int,
+    work: Workload,
+    store_dir: Path,
+    curve_path: Path | None,
+    curve_every: int,
+) -> dict[str, Any]:
+    requests = list(work.requests)
+    t = time.perf_counter()
+    base = measure(handle, work, [])
+    base_scores = summarize(score(handle, requests))
+    base_served = served(handle, requests)
+    base_ppl = perplexity(handle, work.texts)
+    log.info("unedited model measured in %.0fs", time.perf_counter() - t)
+    editor = make_editor(handle, settings, algo)
+    model = VersionedModel.open(handle, store_dir, editor=editor)
+    try:
+        applied = model.applied_fact_ids()
+        done = [f for f in requests if f.fact_id in applied]
+        todo = [f for f in requests if f.fact_id not in applied]
+        if done:
+            log.info("resuming: %d of %d edits are in %s", len(done), len(requests), store_dir)
+        points = _read_curve(curve_path)
+        runs: list[EditRun] = []
+        seconds_before = sum(p.get("edit_seconds_this_point", 0.0) for p in points)
+        edit_seconds = seconds_before
+        while todo:
+            # Up to the next curve point, in whole batches.
+            next_point = (len(done) // curve_every + 1) * curve_every
+            chunk = todo[: max(batch_size, next_point - len(done))]
+            run = apply_sequentially(model, chunk, batch_size)
+            runs.append(run)
+            edit_seconds += run.seconds
+            done += chunk
+            todo = todo[len(chunk) :]
+            point = {
+                "edits": len(done),
+                "algo": algo,
+                "batch_size": batch_size,
+                "version": model.current,
+                **measure(handle, work, done),
+                "edit_seconds": round(edit_seconds, 1),
+                "edit_seconds_this_point": round(run.seconds, 1),
+                "facts_per_second": len(done) / edit_seconds if edit_seconds else None,
+            }
+            point["canary_ratio"] = _ratio(point["canary"], base["canary"])
+            point["perplexity_ratio"] = _ratio(point["perplexity"], base["perplexity"])
+            point["ns_ratio"] = (
+                _ratio(point["ns"], base_scores.ns) if point["ns"] is not None else None
+            )
+            points.append(point)
+            line = json.dumps(json_ready(point))
+            log.info("curve: %s", line)
+            if curve_path is not None:
+                with curve_path.open("a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+        t = time.perf_counter()
+        scores = summarize(score(handle, requests))
+        after_served = served(handle, requests)
+        after_ppl = perplexity(handle, work.texts)
+        after_canary = canary(handle, work.canary_prompts, work.canary_objects)
+        after_known = known_kept(handle, work.known)
+        scoring_seconds = time.perf_counter() - t
+        result = {
+            "algo": algo,
+            "batch_size": batch_size,
+            "edits": len(requests),
+            "dataset": work.source,
+            "store": str(store_dir),
+            "es": scores.es,
+            "ps": scores.ps,
+            "ns": scores.ns,
+            "s": scores.s,
+            "es_base": base_scores.es,
+            "ps_base": base_scores.ps,
+            "ns_base": base_scores.ns,
+            "ns_ratio": _ratio(scores.ns, base_scores.ns),
+            "served_es": after_served["es"],
+            "served_ps": after_served["ps"],
+            "served_ns": after_served["ns"],
+            "served_es_base": base_served["es"],
+            "canary": after_canary,
+            "canary_base": base["canary"],
+            "canary_ratio": _ratio(after_canary, base["canary"]),
+            "canary_prompts": len(work.canary_prompts),
+            "known_facts": len(work.known),
+            "known_kept": after_known,
+            "known_kept_base": base["known_kept"],
+            "perplexity": after_ppl,
+            "perplexity_base": base_ppl,
+            "perplexity_ratio": _ratio(after_ppl, base_ppl),
+            "edit_seconds": edit_seconds,
+            "facts_per_second": len(requests) / edit_seconds if edit_seconds else None,
+            "scoring_seconds": scoring_seconds,
+            "model": handle.identity,
+            "layers": list(editor.modules),
+            "curve_points": len(points),
+        }
+    finally:
+        model.close()
+    if curve_path is not None and points:
+        plot_curve(points, curve_path.with_suffix(".png"), title=f"{algo} @ {batch_size}")
+    return result
+
+
+def _read_curve(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(points: Sequence[dict[str, Any]], out: Path, *, title: str) -> Path:
+    """ES / PS / NS ratio / served ES / canary and perplexity ratios against edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = [p["edits"] for p in points]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (
+        ("es", "ES"),
+        ("ps", "PS"),
+        ("ns_ratio", "NS / unedited"),
+        ("served_es", "served ES"),
+        ("canary_ratio", "canary / unedited"),
+        ("known_kept", "known facts kept"),
+    ):
+        ax.plot(edits, [p.get(key) for p in points], marker=".", label=label)
+    ax.set_xlabel("sequential edits")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    bx.plot(edits, [p.get("perplexity_ratio") for p in points], marker=".", color="C3")
+    bx.set_xlabel("sequential edits")
+    bx.set_title("perplexity / unedited")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

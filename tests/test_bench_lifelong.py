@@ -1,0 +1,50 @@
+"""`editd bench edit --store DIR --curve FILE`: a long run resumes where it stopped, on the
+daemon's own store, and its curve holds one point per interval, none twice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from editd.bench.edit import load_handle, world_workload
+from editd.bench.lifelong import run_lifelong, spread
+from editd.config import Settings
+from editd.store.store import EditStore
+
+pytestmark = pytest.mark.slow
+
+
+def test_spread_takes_early_and_late_edits_alike():
+    items = list(range(10))
+    assert spread(items, 20) == items
+    assert spread(items, 5) == [0, 2, 4, 6, 8]
+
+
+def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
+    settings = Settings()
+    handle = load_handle(None, settings)
+    work = world_workload(20, seed=5, canary_size=50)
+    store, curve = tmp_path / "store", tmp_path / "curve.jsonl"
+    common = dict(algo="emmet", batch_size=5, store_dir=store, curve_path=curve, curve_every=10)
+
+    # The first sitting stops after 10 edits (as a killed run would, at a batch boundary).
+    first = dataclasses.replace(work, requests=work.requests[:10])
+    run_lifelong(handle, settings, work=first, **common)
+    handle.reset()  # a new process: the handle serves the base until the store is opened
+
+    result = run_lifelong(handle, settings, work=work, **common)
+    points = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert [p["edits"] for p in points] == [10, 20]
+    assert [p["version"] for p in points] == [2, 4]
+    assert result["edits"] == 20 and result["curve_points"] == 2
+    for p in points:
+        for key in ("es", "ps", "ns", "served_es", "canary_ratio"):
+            assert 0.0 <= p[key] <= 1.5, (key, p)
+    assert curve.with_suffix(".png").stat().st_size > 0
+    with EditStore(store, readonly=True) as s:
+        s.open()
+        ids = [i for v in s.lineage()[1:] for i in s.version(v).fact_ids]
+    assert sorted(ids) == sorted(f.fact_id for f in work.requests)  # each applied once
+    assert result["es"] >= 0.5
