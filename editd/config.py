@@ -147,6 +147,12 @@ class EditingSettings(Section):
         description="EMMET's ε in (KᵀC⁻¹K + εI): 0 enforces each edit exactly; ε > 0 is MEMIT "
         "with λ' = ελ (soft constraints).",
     )
+    null_threshold: float | None = Field(
+        None,
+        gt=0,
+        description="AlphaEdit: C0's eigen-directions below this × the mean eigenvalue are "
+        "its null space; empty is 0.01 (none on SmolLM2-135M, which needs about 0.5).",
+    )
     preserve_weight: float = Field(
         1.0,
         gt=0,

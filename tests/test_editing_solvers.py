@@ -149,6 +149,18 @@ def test_alphaedit_needs_a_null_space_preservation() -> None:
         solve_alphaedit(keys, resid, Preservation.from_c0(_c0(18), 1.0))
 
 
+def test_an_empty_null_space_is_refused_not_an_edit_that_does_nothing() -> None:
+    # A well-conditioned C0 (every eigenvalue within 3× of the mean, as SmolLM2's within 7×)
+    # has no direction below 0.01 × the mean: AlphaEdit would project every update to zero.
+    q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=torch.Generator().manual_seed(3)))
+    c0 = q @ torch.diag(torch.linspace(0.5, 2.0, D_IN)) @ q.T
+    with pytest.raises(ValueError, match=r"null space is empty.*null_threshold above 0\.4"):
+        Preservation.null_space(c0, 1.0, rel_threshold=1e-2)
+    pres = Preservation.null_space(c0, 1.0, rel_threshold=0.6)
+    keys, resid = _batch(19, 2)
+    assert solve_alphaedit(keys, resid, pres).left.abs().sum() > 0
+
+
 def test_duplicate_keys_fall_back_to_least_norm() -> None:
     # Two facts about one subject share a key; exact constraints then contradict each other.
     pres = Preservation.from_c0(_c0(19), 10.0)

@@ -105,6 +105,7 @@ class EditorConfig:
             mom2_weight=merged.mom2_weight,
             emmet_eps=merged.emmet_eps,
             preserve_weight=merged.preserve_weight,
+            **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,

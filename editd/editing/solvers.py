@@ -85,10 +85,23 @@ class Preservation:
     def null_space(
         cls, c0: torch.Tensor, alpha: float, *, rel_threshold: float = 1e-2, **kwargs
     ) -> Preservation:
-        """AlphaEdit: A = αI, projector onto eigenvectors of C0 below rel_threshold · mean eig."""
+        """AlphaEdit: A = αI, projector onto eigenvectors of C0 below rel_threshold · mean eig.
+
+        An empty null space is refused: every update would be projected to zero and the edit
+        would silently do nothing (SmolLM2-135M's C0 has no eigenvalue below 0.1 × the mean,
+        so the default 0.01 found none there).
+        """
         c0 = c0.to(SOLVE_DTYPE)
         evals, evecs = torch.linalg.eigh(c0)
         null = evecs[:, evals < rel_threshold * evals.mean()]  # (d_in, r_null)
+        if null.shape[1] == 0:
+            smallest = float(evals.min() / evals.mean())
+            raise ValueError(
+                f"AlphaEdit: C0 has no eigenvalue below {rel_threshold:g} × its mean (the "
+                f"smallest is {smallest:.3f} × the mean), so the null space is empty and every "
+                f"update would be projected away; set editing.null_threshold above "
+                f"{smallest:.3f}, or edit with emmet or memit"
+            )
         eye = torch.eye(c0.shape[0], dtype=SOLVE_DTYPE, device=c0.device)
         return cls(alpha * eye, projector=null @ null.T, **kwargs)
 
