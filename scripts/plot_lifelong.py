@@ -1,4 +1,5 @@
-"""Draw every method's lifelong-editing curve side by side: docs/lifelong/methods-N.png.
+"""Every method's lifelong-editing curve side by side (docs/lifelong/methods-N.png) and the
+table of their final results (docs/lifelong/table-N.md).
 
 python scripts/plot_lifelong.py docs/lifelong 500
 """
@@ -46,7 +47,41 @@ def main(directory: str, edits: str) -> Path:
     fig.tight_layout()
     out = root / f"methods-{edits}.png"
     fig.savefig(out, dpi=100)
+    (root / f"table-{edits}.md").write_text(table(root, edits))
     return out
+
+
+COLUMNS = (
+    ("es", "ES"),
+    ("ps", "PS"),
+    ("ns", "NS"),
+    ("ns_base", "NS unedited"),
+    ("served_es", "served ES"),
+    ("served_ps", "served PS"),
+    ("canary_ratio", "canary ratio"),
+    ("known_kept", "known kept"),
+    ("perplexity_ratio", "ppl ratio"),
+    ("facts_per_second", "facts/s"),
+)
+
+
+def table(root: Path, edits: str) -> str:
+    """The final results (over every edit) of each method's `editd bench edit --json`."""
+    rows = [
+        "| method | " + " | ".join(c for _, c in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for path in sorted(root.glob(f"*-{edits}.json")):
+        text = path.read_text().strip()
+        if not text:
+            continue
+        result = json.loads(text)
+        cells = [
+            f"{result[k]:.3f}" if isinstance(result.get(k), float) else str(result.get(k))
+            for k, _ in COLUMNS
+        ]
+        rows.append(f"| {path.name.removesuffix(f'-{edits}.json')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
