@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from editd import durable
-from editd.lowrank import EditUpdate, accumulate, served_weight, tensor_sha256
+from editd.lowrank import EditUpdate, LayerUpdate, accumulate, served_weight, tensor_sha256
 from editd.store.outbox import Outbox, Rejected, version_record_id
 from editd.store.version import FORMAT, Undo, Version, VersionState, now
 
@@ -444,11 +444,7 @@ class EditStore:
                 new[name] = accumulate(
                     previous.get(name), tensors[f"{name}.left"], tensors[f"{name}.right"]
                 )
-            base = self.base()
-            sha = {
-                name: tensor_sha256(served_weight(t, new[name]) if name in new else t)
-                for name, t in sorted(base.items())
-            }
+            sha = self._served_sha256(new)
             manifest = Version(
                 version=version,
                 parent=parent,
@@ -460,14 +456,9 @@ class EditStore:
                 modules=modules,
                 sha256=sha,
             )
-            self._write_version_dir(version, manifest, update=tensors)
-            self._max_version = version
+            self._keep(manifest, tensors, new)
             durable.write_bytes(self.root / "CURRENT", f"{version}\n".encode())
             self._current = version
-            self._manifests[version] = manifest
-            self._delta_cache = (version, new)
-            if (len(self.lineage(version)) - 1) % self.snapshot_every == 0:
-                self._write_snapshot(version, new)
             return manifest
 
     def rollback(self, to_version: int, reason: str) -> list[Rejected]:
@@ -557,46 +548,36 @@ class EditStore:
                 raise UpdateRefused(
                     f"version {v} builds on version {record.parent}, which never arrived"
                 )
+            # The editor keeps the keys: zero-width here, checked like a commit's update.
+            layers = {
+                name: LayerUpdate(
+                    left=factors[f"{name}.left"],
+                    right=factors[f"{name}.right"],
+                    keys=torch.zeros(factors[f"{name}.right"].shape[-1], 0),
+                )
+                for name in sorted(record.modules)
+            }
+            try:
+                tensors, _ = self._check_update(EditUpdate(layers=layers))
+            except (StoreMismatch, ValueError) as exc:
+                raise UpdateRefused(
+                    f"version {v}: {exc}; run the replica with the editor's model and layers"
+                ) from exc
             previous = self.deltas(record.parent)
             new = dict(previous)
-            tensors: dict[str, torch.Tensor] = {}
-            for name in sorted(record.modules):
-                if name not in self._base_meta:
-                    raise UpdateRefused(
-                        f"version {v} edits {name}, which this store does not hold "
-                        f"({sorted(self._base_meta)}); run the replica with the editor's layers"
-                    )
-                left, right = (_f32(factors[f"{name}.{p}"]) for p in ("left", "right"))
-                d_out, d_in = self._base_meta[name]["shape"]
-                if (
-                    left.dim() != 2
-                    or right.dim() != 2
-                    or left.shape[0] != d_out
-                    or (right.shape[1] != d_in or left.shape[1] != right.shape[0])
-                ):
-                    raise UpdateRefused(f"version {v}: {name} factors do not fit ({d_out}, {d_in})")
-                new[name] = accumulate(previous.get(name), left, right)
-                tensors[f"{name}.left"], tensors[f"{name}.right"] = left, right
-                tensors[f"{name}.keys"] = torch.zeros(d_in, 0)  # the editor keeps the keys
-            base = self.base()
-            sha = {
-                name: tensor_sha256(served_weight(t, new[name]) if name in new else t)
-                for name, t in sorted(base.items())
-            }
+            for name in sorted(layers):
+                new[name] = accumulate(
+                    previous.get(name), tensors[f"{name}.left"], tensors[f"{name}.right"]
+                )
+            sha = self._served_sha256(new)
             if sha != dict(record.sha256):
                 wrong = sorted(n for n in sha if sha[n] != record.sha256.get(n))
                 raise UpdateRefused(
                     f"version {v} does not rebuild to the sha256 its record names ({wrong[:3]}): "
                     f"the record is corrupt"
                 )
-            kept = record.replace(state=VersionState.COMMITTED, undone=None)
-            self._write_version_dir(v, kept, update=tensors)
-            self._manifests[v] = kept
-            self._max_version = max(self._max_version, v)
-            # Usually served next: keep D_v so `follow` does not replay the lineage.
-            self._delta_cache = (v, new)
-            if (len(self.lineage(v)) - 1) % self.snapshot_every == 0:
-                self._write_snapshot(v, new)
+            # Usually served next: `_keep` holds D_v, so `follow` does not replay the lineage.
+            self._keep(record.replace(state=VersionState.COMMITTED, undone=None), tensors, new)
             return True
 
     def follow(self, target: int, reason: str | None, at: str | None = None) -> list[int]:
@@ -814,6 +795,25 @@ class EditStore:
                 tensors[f"{name}.{part}"] = t
             modules[name] = {"rank": left.shape[1], "keys": keys.shape[1]}
         return tensors, modules
+
+    def _served_sha256(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """sha256 of every edited tensor served as base + `deltas` (what a manifest records)."""
+        return {
+            name: tensor_sha256(served_weight(t, deltas[name]) if name in deltas else t)
+            for name, t in sorted(self.base().items())
+        }
+
+    def _keep(
+        self, manifest: Version, tensors: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]
+    ) -> None:
+        """Write a version durably (not yet live) and remember its D_v; snapshot on schedule."""
+        v = manifest.version
+        self._write_version_dir(v, manifest, update=tensors)
+        self._manifests[v] = manifest
+        self._max_version = max(self._max_version, v)
+        self._delta_cache = (v, deltas)
+        if (len(self.lineage(v)) - 1) % self.snapshot_every == 0:
+            self._write_snapshot(v, deltas)
 
     def _write_version_dir(
         self, version: int, manifest: Version, update: dict[str, torch.Tensor] | None
