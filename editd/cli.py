@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--curve", type=Path, help="Append a JSON line every --curve-every edits.")
     p.add_argument("--curve-every", type=int, default=100)
+    p.add_argument(
+        "--consolidate-every",
+        type=int,
+        help="With --store: re-solve every live fact jointly after each this many edits.",
+    )
     p.add_argument("--json", action="store_true")
     p = command(
         "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub

@@ -147,6 +147,12 @@ class EditingSettings(Section):
         description="EMMET's ε in (KᵀC⁻¹K + εI): 0 enforces each edit exactly; ε > 0 is MEMIT "
         "with λ' = ελ (soft constraints).",
     )
+    norm_weight: float = Field(
+        0.0,
+        ge=0,
+        description="ENCORE's Frobenius-norm constraint: adds this × C0's mean eigenvalue × I "
+        "to λC0 (MEMIT, EMMET), so updates cannot grow along directions C0 rarely sees.",
+    )
     null_threshold: float | None = Field(
         None,
         gt=0,
@@ -175,6 +181,13 @@ class EditingSettings(Section):
     target_lr: float | None = Field(None, gt=0)
     kl_factor: float | None = Field(None, ge=0)
     clamp_norm_factor: float | None = Field(None, gt=0)
+    target_stop_prob: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="A fact's target stops once its new object is top-1 on every prompt with "
+        "at least this probability; 0 is ENCORE's most-probable early stopping.",
+    )
 
 
 class EvalSettings(Section):

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from editd.editing.capacity import layer_capacity
 from editd.editing.editor import Editor
 from editd.editing.model import ModelHandle
 from editd.facts import FactUpdate
@@ -189,6 +192,11 @@ class VersionedModel:
     def lineage(self) -> list[int]:
         return self.store.lineage()
 
+    def capacity(self, c0: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+        """How far the served version has moved each edited module (editing.capacity)."""
+        with self._changing:
+            return layer_capacity(self.store.deltas(), self.store.base(), c0)
+
     def applied_fact_ids(self) -> set[str]:
         return self.store.applied_fact_ids()
 
@@ -239,6 +247,38 @@ class VersionedModel:
             if self.editor is not None:
                 self.editor.commit(update)
             return Applied(version, {"store": stored, "apply": swapped}, pause)
+
+    def consolidate(self) -> Applied | None:
+        """Replace the accumulated update by one joint solve of every live fact (a version).
+
+        Each live fact's target at each module is what the lineage added at its key when it
+        was edited (D_v k); the editor re-solves them all from the base weights
+        (`Editor.consolidate`). The result is a version without facts, so a rollback past it
+        restores the sequential update exactly, and replicas follow it like any other.
+        Returns None when nothing is applied.
+        """
+        if self.editor is None:
+            raise ValueError("consolidation needs an editor")
+        with self._changing:
+            keys: dict[str, list[torch.Tensor]] = {}
+            targets: dict[str, list[torch.Tensor]] = {}
+            for v, by_module in self.store.keys_by_version():
+                if not any(k.shape[1] for k in by_module.values()):
+                    continue
+                at_v = self.store.deltas(v)
+                for name, k in by_module.items():
+                    if k.shape[1]:
+                        keys.setdefault(name, []).append(k)
+                        targets.setdefault(name, []).append(at_v[name] @ k)
+            if not keys:
+                return None
+            t = time.perf_counter()
+            update = self.editor.consolidate(
+                {n: torch.cat(ks, dim=1) for n, ks in keys.items()},
+                {n: torch.cat(ts, dim=1) for n, ts in targets.items()},
+                self.store.deltas(),
+            )
+            return self.apply(update, [], timings={"consolidate": time.perf_counter() - t})
 
     def rollback(self, to_version: int, reason: str) -> RolledBack:
         """Serve `to_version` (in the live lineage) again; the undone facts go to the outbox."""

@@ -2,7 +2,9 @@
 # Lifelong editing on SmolLM2-135M: sequential CounterFact edits through the daemon's apply
 # path, one curve per method (docs/lifelong/). Resumable: run it again after an interruption
 # and each method continues from its edit store. Usage:
-#   scripts/lifelong.sh EDITS [METHOD...]     METHOD: emmet, emmet-soft, memit, alphaedit
+#   scripts/lifelong.sh EDITS [METHOD...]
+# METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide.
+# Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 set -euo pipefail
 edits=${1:?number of edits}
 shift
@@ -18,6 +20,18 @@ for method in ${methods[@]}; do
     # The seed paper's soft constraints: KᵀC⁻¹K + 0.1·I.
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1)
+  elif [ "$method" = encore ]; then
+    # ENCORE: MEMIT with most-probable early stopping and the Frobenius-norm constraint.
+    algo=memit
+    env=(EDITD_EDITING__TARGET_STOP_PROB=0 EDITD_EDITING__NORM_WEIGHT=${ENCORE_NORM:-0.5})
+  elif [ "$method" = emmet-mpes ]; then
+    # Soft EMMET with ENCORE's early stopping: targets stop once the new object is top-1.
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0)
+  elif [ "$method" = emmet-wide ]; then
+    # Soft EMMET over twice the layers: capacity grows with the total key width.
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=[2,3,4,5,6,7,8,9,10,11]")
   fi
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \

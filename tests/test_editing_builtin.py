@@ -84,3 +84,35 @@ def test_one_batch_of_32_meets_the_es_ps_ns_floors(
                 scored += fact_logprobs(handle.model, handle.tokenizer, requests)
     scores = summarize(scored)
     assert scores.es >= 0.97 and scores.ps >= 0.90 and scores.ns >= 0.90, scores
+
+
+# The mechanics on the built-in model (seed 3, three batches of 8: all 24 were top-1 before
+# consolidating and after). What it does at scale is in docs/lifelong/.
+def test_consolidation_re_solves_every_live_fact_and_rolls_back_exactly(
+    builtin: Path, c0_cache: Path
+) -> None:
+    from editd.config import EditingSettings
+    from editd.world.requests import make_requests
+
+    handle = ModelHandle.load(builtin, device="cpu")
+    config = EditorConfig.from_settings(EditingSettings(algo="emmet"), builtin)
+    editor = Editor(
+        handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
+    )
+    requests = make_requests(24, seed=3)
+    batches = [requests[i : i + 8] for i in range(0, 24, 8)]
+    with VersionedModel.temporary(handle, editor) as model:
+        for batch in batches:
+            model.apply(editor.compute_update(batch), batch)
+        sequential = model.served_sha256()
+        with model.reading():
+            _, top1_before = object_probability(handle, requests)
+        applied = model.consolidate()
+        assert applied is not None and applied.version.facts == ()
+        assert model.current == 4 and model.applied_fact_ids() == {r.fact_id for r in requests}
+        with model.reading():
+            _, top1_after = object_probability(handle, requests)
+        assert float(top1_after.float().mean()) >= float(top1_before.float().mean())
+        assert float(top1_after.float().mean()) >= 0.95, (top1_before, top1_after)
+        model.rollback(3, "operator: consolidation not wanted")
+        assert model.served_sha256() == sequential  # the sequential update, bit for bit

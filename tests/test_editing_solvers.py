@@ -143,6 +143,70 @@ def test_alphaedit_matches_its_original_formula_and_spares_preserved_keys() -> N
     assert float((delta @ preserved).norm()) <= 1e-8 * float(delta.norm())
 
 
+def test_the_null_space_projector_is_an_orthogonal_projector() -> None:
+    pres = Preservation.null_space(_c0(14), 1.0, rel_threshold=1e-2)
+    p = pres.projector
+    assert p is not None
+    assert _rel(p @ p, p) <= 1e-10  # idempotent
+    assert _rel(p.T, p) <= 1e-12  # symmetric: orthogonal, not oblique
+    keys = _batch(17, 5)[0]
+    assert _rel(pres.project(pres.project(keys)), pres.project(keys)) <= 1e-10
+
+
+def test_encore_norm_constraint_is_a_ridge_relative_to_c0s_scale() -> None:
+    # ENCORE's λ_n‖Δ‖²: MEMIT's normal equations gain ρ·μ·I, μ = mean eigenvalue of λC0.
+    c0 = _c0(18)
+    lam, rho = 50.0, 0.5
+    keys, resid = _batch(19, 10)
+    ridged = solve_memit(keys, resid, Preservation.from_c0(c0, lam, ridge=rho))
+    mu = float(torch.trace(lam * c0)) / D_IN
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    system = lam * c0 + rho * mu * eye + keys @ keys.T
+    dense = resid @ keys.T @ torch.linalg.inv(system)
+    assert _rel(ridged.left @ ridged.right, dense) <= 1e-9
+    plain = solve_memit(keys, resid, Preservation.from_c0(c0, lam))
+    assert ridged.diagnostics["update_norm"] < plain.diagnostics["update_norm"]
+    # The same ρ means the same on keys of another scale: the update scales with R / K only.
+    scaled = solve_memit(keys * 10, resid, Preservation.from_c0(c0 * 100, lam, ridge=rho))
+    assert _rel(scaled.left @ scaled.right * 10, dense) <= 1e-9
+    # EMMET keeps its constraints under the ridge: only the metric changes.
+    emmet = solve_emmet(keys, resid, Preservation.from_c0(c0, lam, ridge=rho))
+    assert _rel(emmet.left @ emmet.right @ keys, resid) <= 1e-6
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_re_solving_sequential_batches_equals_one_batch_of_the_same_facts(eps: float) -> None:
+    # Consolidation (Editor.consolidate): each fact's target is what the accumulated update
+    # added at its key when it was edited; re-solving all of them on the fresh preservation
+    # matrix is the one-batch solve of those facts, whatever the sequence did in between.
+    c0 = _c0(20)
+    lam = 1e4  # as on SmolLM2 (λ 15,000): beside λC0 the preserved keys weigh little
+    pres = Preservation.from_c0(c0, lam)
+    (k1, r1), (k2, r2) = _batch(21, 6), _batch(22, 6)
+    d1 = solve_emmet(k1, r1, pres, eps=eps)
+    d1 = d1.left @ d1.right
+    pres.add(k1)
+    d2 = solve_emmet(k2, r2 - d1 @ k2, pres, eps=eps)
+    total = d1 + d2.left @ d2.right
+    keys = torch.cat([k1, k2], dim=1)
+    edited = torch.cat([d1 @ k1, total @ k2], dim=1)
+    joint = solve_emmet(keys, edited, pres.fresh(), eps=eps)
+    joint = joint.left @ joint.right
+    one_batch = solve_emmet(keys, edited, Preservation.from_c0(c0, lam), eps=eps)
+    assert _rel(joint, one_batch.left @ one_batch.right) <= 1e-9
+    if eps == 0.0:
+        # The second batch moved the first batch's facts; the joint solve puts them back.
+        assert _rel(total @ k1, r1) > 1e-2
+        assert _rel(joint @ keys, torch.cat([r1, r2], dim=1)) <= 1e-6
+        # Restoring them costs: the joint update is larger on ordinary keys (tr Δ C0 Δᵀ).
+        assert torch.trace(joint @ c0 @ joint.T) > torch.trace(total @ c0 @ total.T)
+        # Re-solved for what the keys get now, nothing changes: every batch's update lies in
+        # span(C⁻¹K) of the keys so far, so the sequential sum already is the least-C0-norm
+        # update doing what it does at its keys. Consolidation can repair, not compact.
+        now = solve_emmet(keys, total @ keys, pres.fresh())
+        assert _rel(now.left @ now.right, total) <= 1e-6
+
+
 def test_alphaedit_needs_a_null_space_preservation() -> None:
     keys, resid = _batch(17, 2)
     with pytest.raises(ValueError, match="null-space"):

@@ -407,6 +407,7 @@ def _lifelong(
             store_dir=store,
             curve_path=args.curve,
             curve_every=max(1, getattr(args, "curve_every", 100)),
+            consolidate_every=getattr(args, "consolidate_every", None),
         )
     finally:
         if args.store is None:

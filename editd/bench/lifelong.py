@@ -9,12 +9,15 @@ base until then), so a resumed run compares against the same base.
 Every `--curve-every` edits (at a batch boundary) one JSON line goes to the curve file: ES, PS,
 NS and served ES on a fixed, evenly spread sample of the edits so far (early edits count only
 if they survived), the canary and perplexity ratios, the known facts kept, and the cumulative
-editing speed. After the last batch the full result (`run_bench`'s fields, over every edit) is
+editing speed. `--consolidate-every` re-solves every live fact jointly from the base weights
+(`VersionedModel.consolidate`) after each that many edits, before the point is measured.
+After the last batch the full result (`run_bench`'s fields, over every edit) is
 printed, and the curve is drawn next to the file as a PNG.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -36,6 +39,7 @@ from editd.bench.edit import (
     served,
 )
 from editd.config import Settings
+from editd.editing.editor import Editor
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import summarize
 from editd.facts import FactUpdate
@@ -81,6 +85,7 @@ def run_lifelong(
     store_dir: Path,
     curve_path: Path | None,
     curve_every: int,
+    consolidate_every: int | None = None,
 ) -> dict[str, Any]:
     requests = list(work.requests)
     t = time.perf_counter()
@@ -110,6 +115,13 @@ def run_lifelong(
             edit_seconds += run.seconds
             done += chunk
             todo = todo[len(chunk) :]
+            consolidated = None
+            if consolidate_every and len(done) % consolidate_every == 0:
+                t = time.perf_counter()
+                model.consolidate()
+                consolidated = time.perf_counter() - t
+                edit_seconds += consolidated  # part of what editing costs
+                log.info("consolidated %d edits in %.1fs", len(done), consolidated)
             point = {
                 "edits": len(done),
                 "algo": algo,
@@ -119,6 +131,8 @@ def run_lifelong(
                 "edit_seconds": round(edit_seconds, 1),
                 "edit_seconds_this_point": round(run.seconds, 1),
                 "facts_per_second": len(done) / edit_seconds if edit_seconds else None,
+                **_capacity(model, editor),
+                "consolidate_seconds": consolidated,
             }
             point["canary_ratio"] = _ratio(point["canary"], base["canary"])
             point["perplexity_ratio"] = _ratio(point["perplexity"], base["perplexity"])
@@ -171,6 +185,8 @@ def run_lifelong(
             "scoring_seconds": scoring_seconds,
             "model": handle.identity,
             "layers": list(editor.modules),
+            "editor": json_ready(dataclasses.asdict(editor.config)),
+            **_capacity(model, editor),
             "curve_points": len(points),
         }
     finally:
@@ -178,6 +194,16 @@ def run_lifelong(
     if curve_path is not None and points:
         plot_curve(points, curve_path.with_suffix(".png"), title=f"{algo} @ {batch_size}")
     return result
+
+
+def _capacity(model: VersionedModel, editor: Editor) -> dict[str, Any]:
+    """The capacity monitor's figures: the worst layer's, and every layer's."""
+    layers = model.capacity(editor.second_moments())
+    return {
+        "norm_ratio": max((v["norm_ratio"] for v in layers.values()), default=0.0),
+        "output_drift": max((v["output_drift"] for v in layers.values()), default=0.0),
+        "capacity": layers,
+    }
 
 
 def _read_curve(path: Path | None) -> list[dict[str, Any]]:

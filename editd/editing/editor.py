@@ -37,7 +37,13 @@ from editd.editing.keys import (
     update_hook,
 )
 from editd.editing.model import ModelHandle
-from editd.editing.solvers import SOLVERS, Preservation, layer_share, solve_emmet
+from editd.editing.solvers import (
+    SOLVE_DTYPE,
+    SOLVERS,
+    Preservation,
+    layer_share,
+    solve_emmet,
+)
 from editd.editing.stats import Corpus, SecondMomentCache
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
@@ -61,6 +67,7 @@ class EditorConfig:
     split: str = "joint"
     mom2_weight: float = 1.0e4  # λ of λC0 (MEMIT, EMMET)
     emmet_eps: float = 0.0
+    norm_weight: float = 0.0  # ρ of ENCORE's norm constraint (Preservation.from_c0)
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
     null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
     preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
@@ -94,6 +101,7 @@ class EditorConfig:
             "lr": merged.target_lr,
             "kl_factor": merged.kl_factor,
             "clamp_norm": merged.clamp_norm_factor,
+            "stop_prob": merged.target_stop_prob,
         }
         targets = replace(TargetConfig(), **{k: v for k, v in overrides.items() if v is not None})
         prefixes = merged.key_prefixes
@@ -104,6 +112,7 @@ class EditorConfig:
             split=merged.layer_split,
             mom2_weight=merged.mom2_weight,
             emmet_eps=merged.emmet_eps,
+            norm_weight=merged.norm_weight,
             preserve_weight=merged.preserve_weight,
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
@@ -203,12 +212,7 @@ class Editor:
 
     def _build_preservation(self) -> float:
         start = time.perf_counter()
-        # No fallback text: a real model's C0 from the built-in world's invented sentences
-        # describes keys it never sees (editd.models.corpus picks the text per model).
-        if self._corpus is None:
-            raise ValueError("the editor has no C0 corpus (see editd.models.corpus.stats_corpus)")
-        corpus = self._corpus
-        c0s = self._cache.get(self.handle, self.modules, corpus, self.config.stats_tokens)
+        c0s = self.second_moments()
         device = self.handle.device
         cfg = self.config
         for name, c0 in c0s.items():
@@ -222,7 +226,11 @@ class Editor:
                 )
             else:
                 pres = Preservation.from_c0(
-                    c0, cfg.mom2_weight, max_rank=cfg.max_rank, device=device
+                    c0,
+                    cfg.mom2_weight,
+                    ridge=cfg.norm_weight,
+                    max_rank=cfg.max_rank,
+                    device=device,
                 )
             self.preservation[name] = pres
         if self._pending_keys is not None:
@@ -230,6 +238,14 @@ class Editor:
             for name, pres in self.preservation.items():
                 pres.reset([v[name] for v in keys if name in v], cfg.preserve_weight)
         return time.perf_counter() - start
+
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """C0 (float64, CPU) of each edited module, from the cache (computed if missing)."""
+        # No fallback text: a real model's C0 from the built-in world's invented sentences
+        # describes keys it never sees (editd.models.corpus picks the text per model).
+        if self._corpus is None:
+            raise ValueError("the editor has no C0 corpus (see editd.models.corpus.stats_corpus)")
+        return self._cache.get(self.handle, self.modules, self._corpus, self.config.stats_tokens)
 
     def compute_update(self, batch: Sequence[FactUpdate]) -> EditUpdate:
         """The update that writes `batch` into the model, one low-rank factor pair per layer.
@@ -345,6 +361,49 @@ class Editor:
             timings["total"],
         )
         return EditUpdate(layers=updates, diagnostics=diagnostics)
+
+    def consolidate(
+        self,
+        keys: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        current: Mapping[str, torch.Tensor],
+    ) -> EditUpdate:
+        """Re-solve every live fact at once from the base weights, as one batch would.
+
+        `keys[m]` (d_in, n) are the live facts' keys at module m as stored when each was
+        edited, `targets[m]` (d_out, n) what the accumulated update then added at them
+        (D_v k), `current[m]` the accumulated update served now. Sequential batches each
+        preserve earlier keys only softly (beside λC0 they weigh little), so their sum carries
+        updates that later batches spent undoing and redoing; the joint solve meets the same
+        targets with the least C-norm the solver allows. BOS stays where it is now.
+
+        Returns the version that turns `current` into the joint solve: no facts, no new keys,
+        a dense update per module (rank min(d_out, d_in)). The model is read, not written.
+        """
+        self.prepare()
+        with self.handle.reading():
+            anchors = read_anchors(self.handle, self.modules)
+        layers: dict[str, LayerUpdate] = {}
+        per_layer: dict[str, dict[str, float]] = {}
+        for name in self.modules:
+            if name not in keys or keys[name].shape[1] == 0:
+                continue
+            now = current[name].to(SOLVE_DTYPE)
+            anchor = anchors[name].to(now)
+            k = torch.cat([keys[name].to(now), anchor], dim=1)
+            t = torch.cat([targets[name].to(now), now @ anchor], dim=1)
+            sol = self._solve(k, t, self.preservation[name].fresh())
+            change = sol.left.to(now) @ sol.right.to(now) - now  # (d_out, d_in)
+            d_out, d_in = change.shape
+            eye = torch.eye(min(d_out, d_in), dtype=now.dtype)
+            left, right = (eye, change) if d_out <= d_in else (change, eye)
+            layers[name] = LayerUpdate(
+                left=left.float(), right=right.float(), keys=now.new_zeros(d_in, 0).float()
+            )
+            per_layer[name] = {**sol.diagnostics, "keys": float(keys[name].shape[1])}
+        return EditUpdate(
+            layers=layers, diagnostics={"algo": self.config.algo, "consolidated": per_layer}
+        )
 
     def commit(self, update: EditUpdate) -> None:
         """The daemon applied `update`: preserve its keys in later batches."""

@@ -14,7 +14,8 @@ R (d_out, b) the residual the update must add at those keys, C the preservation 
              keys (C0's range) untouched. This equals AlphaEdit's R Kᵀ P ((KKᵀ + VVᵀ)P + αI)⁻¹,
              rewritten so the matrix is symmetric and its low-rank part goes through Woodbury.
 
-C = A + U Uᵀ is owned by a `Preservation`: A (λC0 for MEMIT/EMMET, αI for AlphaEdit) is
+C = A + U Uᵀ is owned by a `Preservation`: A (λC0 for MEMIT/EMMET, plus ENCORE's norm
+constraint as a ridge when asked; αI for AlphaEdit) is
 Cholesky-factored once; earlier batches' keys U are a low-rank term applied through the
 Woodbury identity, C⁻¹X = A⁻¹X − Z S⁻¹ Zᵀ X with Z = A⁻¹U and S = I + UᵀZ, so a batch costs
 O(d_in² b + d_in m b + m³), never a d_in × d_in solve. When m grows past `max_rank` the low-rank
@@ -77,9 +78,21 @@ class Preservation:
         self._refactor(self.base.to(self.device))
 
     @classmethod
-    def from_c0(cls, c0: torch.Tensor, weight: float, **kwargs) -> Preservation:
-        """MEMIT/EMMET: A = λ C0."""
-        return cls(weight * c0.to(SOLVE_DTYPE), **kwargs)
+    def from_c0(
+        cls, c0: torch.Tensor, weight: float, *, ridge: float = 0.0, **kwargs
+    ) -> Preservation:
+        """MEMIT/EMMET: A = λ C0 + ρ·μ·I, μ the mean eigenvalue of λ C0.
+
+        The ridge is ENCORE's Frobenius-norm constraint (its λ_n‖Δ‖²) expressed relative to
+        C0's scale, so one ρ means the same on models whose keys differ in size. It weighs
+        most where C0 is small: the key directions through which C⁻¹ lets an update's norm
+        grow without bound in sequential editing.
+        """
+        a = weight * c0.to(SOLVE_DTYPE)
+        if ridge > 0:
+            mean_eig = a.diagonal().mean()
+            a = a + ridge * mean_eig * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return cls(a, **kwargs)
 
     @classmethod
     def null_space(
@@ -104,6 +117,12 @@ class Preservation:
             )
         eye = torch.eye(c0.shape[0], dtype=SOLVE_DTYPE, device=c0.device)
         return cls(alpha * eye, projector=null @ null.T, **kwargs)
+
+    def fresh(self) -> Preservation:
+        """The same A (and projector) with no earlier keys: what a one-batch solve sees."""
+        return Preservation(
+            self.base, projector=self.projector, max_rank=self.max_rank, device=self.device
+        )
 
     @property
     def dim(self) -> int:
