@@ -299,3 +299,21 @@ def test_update_factors_are_refactored_to_the_batch_rank_without_changing_the_up
     small_left, small_right = _compress(left, right, rank)
     assert small_left.shape[1] == small_right.shape[0] == min(rank, d_out)
     torch.testing.assert_close(small_left @ small_right, left @ right)
+
+
+def test_a_profile_carries_the_evaluators_thresholds_for_its_model(tmp_path: Path) -> None:
+    import json
+
+    from editd.config import EvalSettings
+    from editd.editing.editor import with_profile
+
+    (tmp_path / "editd.json").write_text(
+        json.dumps({"editing": {"layers": [1]}, "eval": {"min_ns": 0.5, "min_es": 0.85}})
+    )
+    merged = with_profile(EvalSettings(min_es=0.95), tmp_path, "eval")
+    assert merged.min_ns == 0.5 and merged.min_es == 0.95  # the user's setting wins
+    assert merged.min_ps == EvalSettings().min_ps
+    assert with_profile(EvalSettings(), tmp_path / "elsewhere", "eval") == EvalSettings()
+    (tmp_path / "editd.json").write_text(json.dumps({"eval": {"min_nss": 0.5}}))
+    with pytest.raises(ValueError, match="min_nss"):
+        with_profile(EvalSettings(), tmp_path, "eval")

@@ -240,7 +240,7 @@ def _load(
 ) -> EditService:
     # The model loads here, after the socket and the broker are up (torch itself is imported
     # with this module, which takes a second or two, not the minutes a model can).
-    from editd.editing.editor import Editor, EditorConfig
+    from editd.editing.editor import Editor, EditorConfig, with_profile
     from editd.models.corpus import stats_corpus
     from editd.models.registry import is_builtin
     from editd.monitoring.evaluator import Evaluator
@@ -283,7 +283,7 @@ def _load(
         # so drift is known from the first evaluation even far past version 0.
         base_scores = measure(handle, base_reading(handle), [], probes, canary)
         evaluator: Evaluator[FactUpdate] = Evaluator.from_settings(
-            settings.eval,
+            with_profile(settings.eval, path, "eval"),
             score=service.score,
             rollback=service.policy_rollback,
             metrics=metrics,

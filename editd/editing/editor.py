@@ -91,11 +91,7 @@ class EditorConfig:
         Keys the user set win; the others come from the model's profile (`PROFILE_FILE` in
         `model_dir`), then from the field defaults.
         """
-        profile = model_profile(model_dir) if model_dir is not None else {}
-        # Validated like a settings file, so a wrong key in a profile is named, not ignored.
-        merged = type(settings).model_validate(
-            {**profile, **settings.model_dump(exclude_unset=True)}
-        )
+        merged = with_profile(settings, model_dir, "editing") if model_dir is not None else settings
         overrides = {
             "steps": merged.target_steps,
             "lr": merged.target_lr,
@@ -128,13 +124,16 @@ class UneditableModel(ValueError):
 PROFILE_FILE = "editd.json"
 
 
-def model_profile(model_dir: str | Path) -> dict[str, Any]:
-    """Editing defaults shipped with a model: `editing` settings keys in `editd.json`.
+def model_profile(model_dir: str | Path, section: str = "editing") -> dict[str, Any]:
+    """Defaults shipped with a model: one section (`editing` or `eval` settings keys) of
+    `editd.json`.
 
     Where facts live differs between models (MEMIT's per-model hyper-parameter files exist for
     this reason): the built-in model looks facts up at the prompt's last token in its upper
-    MLPs, a Llama-3 at the subject in its early-middle ones. A directory without the file
-    gets the engine's defaults.
+    MLPs, a Llama-3 at the subject in its early-middle ones. What scores a healthy edited
+    model reaches differs too (a 135M model's NS on CounterFact starts near 0.7), so the
+    evaluator's thresholds can come from the same file. A directory without the file, or a
+    file without the section, gets the engine's defaults.
     """
     path = Path(model_dir) / PROFILE_FILE
     if not path.is_file():
@@ -143,10 +142,18 @@ def model_profile(model_dir: str | Path) -> dict[str, Any]:
         profile = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable JSON profile: {exc}") from exc
-    editing = profile.get("editing", {}) if isinstance(profile, dict) else None
-    if not isinstance(editing, dict):
-        raise ValueError(f"{path}: expected an object with an 'editing' object")
-    return dict(editing)
+    part = profile.get(section, {}) if isinstance(profile, dict) else None
+    if not isinstance(part, dict):
+        raise ValueError(f"{path}: expected an object with an {section!r} object")
+    return dict(part)
+
+
+def with_profile(settings: Any, model_dir: str | Path, section: str) -> Any:
+    """`settings` (a settings section) with the keys the user left unset taken from the
+    model's profile; validated like a settings file, so a wrong key in a profile is named."""
+    return type(settings).model_validate(
+        {**model_profile(model_dir, section), **settings.model_dump(exclude_unset=True)}
+    )
 
 
 class Editor:
