@@ -120,6 +120,27 @@ def test_rollback_over_http_and_the_listing_of_versions(
     assert missing.status_code == 404
 
 
+def test_metrics_show_each_edited_modules_norm_growth_and_a_rollback_resets_it(
+    service: EditService, http: TestClient
+) -> None:
+    def ratio() -> float:
+        line = next(
+            x
+            for x in http.get("/metrics").text.splitlines()
+            if x.startswith("editd_update_norm_ratio{")
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    assert ratio() == 0.0
+    service.apply_batch(make_requests(2, seed=5))
+    once = ratio()
+    service.apply_batch(make_requests(2, seed=6))
+    assert once > 0.0 and ratio() > 0.0
+    r = http.post("/v1/rollback", json={"version": 0, "reason": "test"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert ratio() == 0.0
+
+
 def test_an_evaluation_writes_its_scores_into_the_version_it_judged(
     service: EditService, http: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -236,6 +236,7 @@ class ReplicaService(Serving):
         raise Conflict(NOT_HERE.format(what="evaluate"))
 
     def metrics_payload(self) -> bytes:
+        self.export_capacity()
         return generate_latest(self.metrics.registry)
 
     def status(self) -> dict[str, Any]:

@@ -199,6 +199,7 @@ class EditService(Serving):
 
     def metrics_payload(self) -> bytes:
         self.export_consumer_stats()
+        self.export_capacity()
         return generate_latest(self.metrics.registry)
 
     def export_consumer_stats(self) -> None:

@@ -26,6 +26,7 @@ class Serving:
         self.metrics = metrics
         self._fatal: FatalError | None = None
         self.generator = Generator(self.handle, self.current_version)
+        self._capacity_version: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -46,6 +47,18 @@ class Serving:
 
     def versions(self) -> list[dict[str, Any]]:
         return self.model.versions()
+
+    def export_capacity(self) -> None:
+        """The served version's norm growth per edited module, once per version (at scrape
+        time: the weights' norms cost a pass over the deltas, not worth holding a swap for)."""
+        version = self.model.current
+        if version == self._capacity_version:
+            return
+        rows = self.model.capacity()
+        for name in self.model.store.base():
+            ratio = rows.get(name, {}).get("norm_ratio", 0.0)  # untouched: the base's
+            self.metrics.update_norm_ratio.labels(module=name).set(ratio)
+        self._capacity_version = version
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.metrics.observe_request(route, status, seconds)

@@ -155,6 +155,15 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        # The capacity monitor (editing/capacity.py): the norm growth ENCORE blames for
+        # degradation, which on SmolLM2 rose with the canary's fall (docs/lifelong).
+        self.update_norm_ratio = Gauge(
+            "update_norm_ratio",
+            "‖W − W0‖_F / ‖W0‖_F of each edited module in the served version.",
+            ["module"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.model_version = Gauge(
             "model_version",
             "Model version being served (0 = base model).",
