@@ -207,6 +207,13 @@ class EvalSettings(Section):
         0.9, ge=0, le=1, description="Minimum canary as a fraction of the base model's."
     )
     failures_before_rollback: int = Field(1, gt=0)
+    max_norm_ratio: float = Field(
+        0.0,
+        ge=0,
+        description="Capacity warning: the alert EditdCapacityNearlyFull fires when an edited "
+        "module's ‖W − W0‖ / ‖W0‖ passes this (0 = off). It warns and never rolls back: every "
+        "version adds to it, so a rollback would only undo the newest facts.",
+    )
 
 
 class ServeSettings(Section):

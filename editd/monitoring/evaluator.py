@@ -443,6 +443,7 @@ class Evaluator(Generic[F]):
         self._metrics.set_thresholds(
             {"applied": self.policy.applied.as_dict(), "probe": self.policy.probe.as_dict()},
             canary=self.policy.canary_minimum(base_canary),
+            norm_ratio=self.policy.max_norm_ratio,
         )
 
     def _export(self, evaluation: Evaluation, baseline: Baseline | None) -> None:

@@ -164,6 +164,12 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.update_norm_ratio_threshold = Gauge(
+            "update_norm_ratio_threshold",
+            "Norm growth past which EditdCapacityNearlyFull warns (eval.max_norm_ratio; 0 = off).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.model_version = Gauge(
             "model_version",
             "Model version being served (0 = base model).",
@@ -313,10 +319,13 @@ class Metrics:
         if base is not None:
             self.canary_drift.set(value - base)
 
-    def set_thresholds(self, minimums: dict[str, dict[str, float]], canary: float) -> None:
+    def set_thresholds(
+        self, minimums: dict[str, dict[str, float]], canary: float, norm_ratio: float = 0.0
+    ) -> None:
         """Export the policy's minimums, so dashboards draw them and alerts compare to them."""
         for set_name in SETS:
             for name in SCORES:
                 value = minimums.get(set_name, {}).get(name, 0.0)
                 self.score_threshold.labels(set=set_name, score=name).set(value)
         self.canary_threshold.set(canary)
+        self.update_norm_ratio_threshold.set(norm_ratio)

@@ -44,6 +44,8 @@ class Policy:
     probe: Thresholds = Thresholds()
     min_canary_ratio: float = 0.0
     failures_before_rollback: int = 1
+    # Warned about (exported for the alert), never rolled back for: see EvalSettings.
+    max_norm_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.failures_before_rollback < 1:
@@ -58,6 +60,7 @@ class Policy:
             probe=Thresholds(ns=settings.min_probe_ns),
             min_canary_ratio=settings.min_canary_ratio,
             failures_before_rollback=settings.failures_before_rollback,
+            max_norm_ratio=settings.max_norm_ratio,
         )
 
     def canary_minimum(self, base_canary: float | None) -> float:
