@@ -3,7 +3,7 @@
 # path, one curve per method (docs/lifelong/). Resumable: run it again after an interruption
 # and each method continues from its edit store. Usage:
 #   scripts/lifelong.sh EDITS [METHOD...]
-# METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide.
+# METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 set -euo pipefail
 edits=${1:?number of edits}
@@ -12,6 +12,7 @@ methods=("${@:-emmet emmet-soft memit alphaedit}")
 data=${EDITD_SHARED_DATA:-../shared/data}
 out=docs/lifelong
 work=${EDITD_LIFELONG_DIR:-editd-lifelong}
+wide="[3,4,5,6,7,8,9,10,11,12]"
 mkdir -p "$out" "$work"
 for method in ${methods[@]}; do
   algo=$method
@@ -29,9 +30,14 @@ for method in ${methods[@]}; do
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0)
   elif [ "$method" = emmet-wide ]; then
-    # Soft EMMET over twice the layers: capacity grows with the total key width.
+    # Soft EMMET over twice the layers (3-12 around the traced 4-8): capacity grows with the
+    # total key width.
     algo=emmet
-    env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=[2,3,4,5,6,7,8,9,10,11]")
+    env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=$wide")
+  elif [ "$method" = emmet-mpes-wide ]; then
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0
+      "EDITD_EDITING__LAYERS=$wide")
   fi
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \
