@@ -164,6 +164,13 @@ class EditingSettings(Section):
         gt=0,
         description="Weight of earlier batches' keys beside λC0 in sequential editing.",
     )
+    max_update_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Refuse a batch whose update would move an edited weight by more than this "
+        "× its norm (to the rejected topic, with the reason): an update that size destroys the "
+        "model whatever its targets said. Empty: the model's profile, else 10.",
+    )
     stats_tokens: int | None = Field(
         None, description="Token budget for C0; empty is 10 × d_in of the edited layer."
     )

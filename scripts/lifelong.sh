@@ -3,7 +3,8 @@
 # path, one curve per method (docs/lifelong/). Resumable: run it again after an interruption
 # and each method continues from its edit store. Usage:
 #   scripts/lifelong.sh EDITS [METHOD...]
-# METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide.
+# METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
+# emmet-ridge, emmet-wide-ridge.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 set -euo pipefail
 edits=${1:?number of edits}
@@ -34,6 +35,15 @@ for method in ${methods[@]}; do
     # total key width.
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=$wide")
+  elif [ "$method" = emmet-ridge ]; then
+    # Soft EMMET with ENCORE's norm constraint alone: a floor under C0's small eigenvalues,
+    # which 15,360 tokens estimate worst and an exact-constraint update leans on most.
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__NORM_WEIGHT=${RIDGE:-1.0})
+  elif [ "$method" = emmet-wide-ridge ]; then
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__NORM_WEIGHT=${RIDGE:-1.0}
+      "EDITD_EDITING__LAYERS=$wide")
   elif [ "$method" = emmet-mpes-wide ]; then
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0

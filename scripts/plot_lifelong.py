@@ -1,7 +1,11 @@
-"""Every method's lifelong-editing curve side by side (docs/lifelong/methods-N.png) and the
-table of their final results (docs/lifelong/table-N.md).
+"""Every method's lifelong-editing curve side by side (docs/lifelong/methods-N.png), the
+table of their final results (docs/lifelong/table-N.md), and the table of every curve's point
+at N edits (docs/lifelong/points-N.md), so runs of different lengths compare at one count.
 
 python scripts/plot_lifelong.py docs/lifelong 500
+
+Curves are every `*.jsonl` in the directory, drawn up to N edits; final results are the
+`*-N.json` files.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ PANELS = (
 def main(directory: str, edits: str) -> Path:
     root = Path(directory)
     curves = {
-        path.name.removesuffix(f"-{edits}.jsonl"): [
-            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+        path.stem: [
+            p
+            for p in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+            if p["edits"] <= int(edits)
         ]
-        for path in sorted(root.glob(f"*-{edits}.jsonl"))
+        for path in sorted(root.glob("*.jsonl"))
     }
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
@@ -48,6 +54,7 @@ def main(directory: str, edits: str) -> Path:
     out = root / f"methods-{edits}.png"
     fig.savefig(out, dpi=100)
     (root / f"table-{edits}.md").write_text(table(root, edits))
+    (root / f"points-{edits}.md").write_text(points_table(curves, int(edits)))
     return out
 
 
@@ -81,6 +88,36 @@ def table(root: Path, edits: str) -> str:
             for k, _ in COLUMNS
         ]
         rows.append(f"| {path.name.removesuffix(f'-{edits}.json')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+POINT_COLUMNS = (
+    ("es", "ES"),
+    ("ps", "PS"),
+    ("ns_ratio", "NS / unedited"),
+    ("served_es", "served ES"),
+    ("canary_ratio", "canary ratio"),
+    ("known_kept", "known kept"),
+    ("perplexity_ratio", "ppl ratio"),
+    ("norm_ratio", "norm growth"),
+    ("facts_per_second", "facts/s"),
+)
+
+
+def points_table(curves: dict[str, list[dict]], at: int) -> str:
+    """Each curve's point at `at` edits (ES/PS/NS/served ES on 100 spread edits so far)."""
+    rows = [
+        "| run | " + " | ".join(c for _, c in POINT_COLUMNS) + " |",
+        "|---|" + "---:|" * len(POINT_COLUMNS),
+    ]
+    for name, points in curves.items():
+        point = next((p for p in points if p["edits"] == at), None)
+        if point is None:
+            continue
+        cells = [
+            f"{point[k]:.3f}" if isinstance(point.get(k), float) else "–" for k, _ in POINT_COLUMNS
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -240,6 +240,8 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
                     "target_lr": 0.05,
                     "mom2_weight": 30.0,
                     "preserve_weight": 0.003,
+                    # A random 64-wide model moves by ~14 × its norm here (limit: 10).
+                    "max_update_ratio": 100.0,
                 }
             }
         )
@@ -247,6 +249,7 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
     cfg = EditorConfig.from_settings(EditingSettings(layers=[2], mom2_weight=50.0), profiled)
     assert cfg.site == "prompt_last" and cfg.layers == (2,) and cfg.targets.lr == 0.05
     assert cfg.mom2_weight == 50.0 and cfg.preserve_weight == 0.003
+    assert cfg.max_update_ratio == 100.0
     assert EditorConfig.from_settings(EditingSettings(), model_dir).site == "subject_last"
 
     handle = ModelHandle.load(profiled, device="cpu")
@@ -317,3 +320,34 @@ def test_a_profile_carries_the_evaluators_thresholds_for_its_model(tmp_path: Pat
     (tmp_path / "editd.json").write_text(json.dumps({"eval": {"min_nss": 0.5}}))
     with pytest.raises(ValueError, match="min_nss"):
         with_profile(EvalSettings(), tmp_path, "eval")
+
+
+def test_an_update_out_of_proportion_to_the_weight_is_refused_not_applied(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from editd.editing.editor import UnrealisedUpdate
+
+    handle = ModelHandle.load(model_dir, device="cpu")
+    fine = Editor(
+        handle,
+        EditorConfig(layers=(1, 2), targets=TargetConfig(steps=5)),
+        corpus=_corpus(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    update = fine.compute_update(FACTS)
+    ratios = [d["update_ratio"] for d in update.diagnostics["solver"].values()]
+    assert all(r > 0 for r in ratios)
+    strict = Editor(
+        handle,
+        EditorConfig(
+            layers=(1, 2), targets=TargetConfig(steps=5), max_update_ratio=min(ratios) / 2
+        ),
+        corpus=_corpus(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    before = {n: handle.weight(n).clone() for n in strict.modules}
+    with pytest.raises(UnrealisedUpdate, match=r"editing\.max_update_ratio"):
+        strict.compute_update(FACTS)
+    assert all(torch.equal(handle.weight(n), w) for n, w in before.items())

@@ -71,6 +71,13 @@ class EditorConfig:
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
     null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
     preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
+    # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate).
+    # Healthy batches of 100 on SmolLM2 moved layers 4-8 by 0.07-0.32 of their norm; over
+    # layers 3-12 one batch moved them by 1.0-31.7 and left the model answering nothing. The
+    # engine's limit only catches such wrecks (the tests' random 64-wide Llama moves by 3.4
+    # on an ordinary edit); a profile sets a model's own (SmolLM2's: 2.0, room for a batch
+    # of 1,024).
+    max_update_ratio: float = 10.0
     max_rank: int | None = None  # low-rank keys before refactoring; None: d_in / 4
     stats_tokens: int | None = None  # None: 10 × d_in
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
@@ -110,6 +117,7 @@ class EditorConfig:
             emmet_eps=merged.emmet_eps,
             norm_weight=merged.norm_weight,
             preserve_weight=merged.preserve_weight,
+            **({"max_update_ratio": merged.max_update_ratio} if merged.max_update_ratio else {}),
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
@@ -119,6 +127,10 @@ class EditorConfig:
 
 class UneditableModel(ValueError):
     """The model's architecture breaks an assumption of the update; the message names it."""
+
+
+class UnrealisedUpdate(ValueError):
+    """The batch's update would change a layer out of all proportion; nothing was applied."""
 
 
 PROFILE_FILE = "editd.json"
@@ -339,6 +351,7 @@ class Editor:
             timings["check"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
 
+        self._refuse_oversized(updates, per_layer, float(post_top1.float().mean()))
         # Per fact: a fact solved as several rows is as good as its worst row.
         own = torch.tensor(owner)
         b = len(facts)
@@ -368,6 +381,35 @@ class Editor:
             timings["total"],
         )
         return EditUpdate(layers=updates, diagnostics=diagnostics)
+
+    def _refuse_oversized(
+        self,
+        updates: Mapping[str, LayerUpdate],
+        per_layer: dict[str, dict[str, float]],
+        post_top1: float,
+    ) -> None:
+        """Refuse an update that would move a layer by more than `max_update_ratio` × its norm.
+
+        The closed form trusts that a layer's write reaches the last edited layer unchanged.
+        When it does not (layers far apart, a norm after the MLP), later layers are asked to
+        make up what earlier ones missed, and the last one ends up with a huge residual: its
+        targets converged, yet the update destroys the model. That is never applied silently.
+        """
+        worst_name, worst = "", 0.0
+        for name, update in updates.items():
+            weight = float(self.handle.weight(name).double().norm())
+            ratio = float(update.dense().double().norm()) / max(weight, 1e-30)
+            per_layer[name]["update_ratio"] = ratio
+            if ratio > worst:
+                worst_name, worst = name, ratio
+        if worst > self.config.max_update_ratio:
+            raise UnrealisedUpdate(
+                f"the update would move {worst_name} by {worst:.2f} × its norm (limit "
+                f"editing.max_update_ratio = {self.config.max_update_ratio:g}); after it, "
+                f"{post_top1:.0%} of the batch's new objects were top-1. The edited layers "
+                f"{self.layers} are too far apart for their writes to add up, or C0 does not "
+                "describe this model: edit fewer, closer layers (editd model profile)"
+            )
 
     def consolidate(
         self,
