@@ -55,7 +55,53 @@ def main(directory: str, edits: str) -> Path:
     fig.savefig(out, dpi=100)
     (root / f"table-{edits}.md").write_text(table(root, edits))
     (root / f"points-{edits}.md").write_text(points_table(curves, int(edits)))
+    capacity(curves, root / f"capacity-{edits}.png")
     return out
+
+
+WRECK = 2.0  # SmolLM2's editing.max_update_ratio
+
+
+def capacity(curves: dict[str, list[dict]], out: Path) -> tuple[float, float] | None:
+    """Canary ratio against norm growth over every curve point that recorded both, with the
+    least-squares line canary = 1 − slope · norm (forced through the unedited model, 0 → 1).
+
+    This is the capacity monitor's calibration: the norm growth the daemon exports after
+    every version, read as the canary it predicts. Returns (slope, r²) and draws the plot.
+    """
+    pts = [
+        (p["norm_ratio"], p["canary_ratio"], name)
+        for name, points in curves.items()
+        for p in points
+        if p.get("norm_ratio") is not None and p.get("canary_ratio") is not None
+        # A wreck the editor now refuses (editing.max_update_ratio) says nothing about wear.
+        and p["norm_ratio"] <= WRECK
+    ]
+    if len(pts) < 2:
+        return None
+    xs = [x for x, _, _ in pts]
+    ys = [y for _, y, _ in pts]
+    slope = sum(x * (1 - y) for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    mean = sum(ys) / len(ys)
+    ss_res = sum((y - (1 - slope * x)) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - mean) ** 2 for y in ys) or 1.0
+    r2 = 1 - ss_res / ss_tot
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in sorted({n for _, _, n in pts}):
+        mine = [(x, y) for x, y, n in pts if n == name]
+        ax.plot(*zip(*mine, strict=True), marker="o", linestyle="", label=name)
+    top = max(xs) * 1.1
+    ax.plot([0, top], [1, 1 - slope * top], color="k", linewidth=1, label=f"1 − {slope:.2f}·x")
+    ax.set_xlabel("norm growth ‖W − W0‖ / ‖W0‖ (worst edited layer)")
+    ax.set_ylabel("canary / unedited")
+    ax.set_title(f"capacity monitor: r² = {r2:.2f} over {len(pts)} points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"capacity: canary ≈ 1 − {slope:.3f} × norm growth, r² {r2:.3f}, {len(pts)} points")
+    return slope, r2
 
 
 COLUMNS = (
