@@ -73,7 +73,8 @@ def capacity(curves: dict[str, list[dict]], out: Path) -> tuple[float, float] | 
         (p["norm_ratio"], p["canary_ratio"], name)
         for name, points in curves.items()
         for p in points
-        if p.get("norm_ratio") is not None and p.get("canary_ratio") is not None
+        if p.get("norm_ratio") is not None
+        and p.get("canary_ratio") is not None
         # A wreck the editor now refuses (editing.max_update_ratio) says nothing about wear.
         and p["norm_ratio"] <= WRECK
     ]

@@ -48,3 +48,6 @@ def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
         ids = [i for v in s.lineage()[1:] for i in s.version(v).fact_ids]
     assert sorted(ids) == sorted(f.fact_id for f in work.requests)  # each applied once
     assert result["es"] >= 0.5
+    # The unedited model's figures are kept beside the store: a later sitting reads them.
+    unedited = json.loads((tmp_path / "store.unedited.json").read_text())
+    assert unedited["scores"]["es"] == result["es_base"]
