@@ -24,11 +24,11 @@ def main(store: str, edits: str, dataset: str, text: str, algo: str = "emmet") -
     handle = load_handle(Path("smollm2-135m"), settings)
     work = dataset_workload(handle, Path(dataset), int(edits), 0, Path(text))
     editor = make_editor(handle, settings, algo)
+    base = measure(handle, work, [])  # the handle serves the base until the store is opened
     model = VersionedModel.open(handle, store, editor=editor)
     try:
         applied = model.applied_fact_ids()
         done = [f for f in work.requests if f.fact_id in applied]
-        base = measure(handle, work, [])
         before = {**measure(handle, work, done), **_capacity(model, editor)}
         t = time.perf_counter()
         model.consolidate()
