@@ -18,7 +18,10 @@ mkdir -p "$out" "$work"
 for method in ${methods[@]}; do
   algo=$method
   env=()
-  if [ "$method" = emmet-soft ]; then
+  if [ "$method" = emmet ]; then
+    # Exact constraints (ε = 0); SmolLM2's profile now ships ε = 0.1, which is emmet-soft.
+    env=(EDITD_EDITING__EMMET_EPS=0)
+  elif [ "$method" = emmet-soft ]; then
     # The seed paper's soft constraints: KᵀC⁻¹K + 0.1·I.
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1)
