@@ -52,7 +52,10 @@ def populate(m: Metrics) -> None:
     for stage in STAGES:
         m.edit_stage_seconds.labels(stage=stage).observe(0.4)
     m.swap_pause_seconds.observe(0.0008)
-    m.set_thresholds({"applied": {"es": 0.8, "ps": 0.5, "ns": 0.7}, "probe": {"ns": 0.8}}, 0.88)
+    m.set_thresholds(
+        {"applied": {"es": 0.8, "ps": 0.5, "ns": 0.7}, "probe": {"ns": 0.8}}, 0.88, norm_ratio=0.4
+    )
+    m.update_norm_ratio.labels(module="model.layers.4.mlp.down_proj").set(0.3)
     m.set_scores("applied", S(0.97, 0.9, 0.85, 0.9))
     # Probe NS below its minimum: EditdScoreBelowThreshold must go pending.
     m.set_scores("probe", S(0.02, 0.03, 0.75, 0.04), base=S(0.0, 0.0, 0.96, 0.0))

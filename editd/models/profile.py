@@ -80,6 +80,7 @@ def profile_model(
     from editd.bench.data import draw, load_dataset, split
     from editd.bench.edit import apply_sequentially, canary, make_editor, prefers_true, score
     from editd.editing.causal import causal_trace
+    from editd.editing.editor import UnrealisedUpdate
     from editd.editing.model import ModelHandle
     from editd.editing.scoring import canary_pairs, harmonic_mean, summarize
     from editd.monitoring.canary import canary_prompts
@@ -128,7 +129,21 @@ def profile_model(
         editor = make_editor(handle, run_settings, algo)
         # The daemon's apply path on a throw-away store, from the base weights: one batch.
         with VersionedModel.temporary(handle, editor) as model:
-            run = apply_sequentially(model, batch, len(batch))
+            try:
+                run = apply_sequentially(model, batch, len(batch))
+            except UnrealisedUpdate as exc:
+                # A wreck the editor refuses is a candidate that lost, not a failed profile.
+                log.info("profile point %s refused: %s", layers, exc)
+                grid.append(
+                    {
+                        "layers": layers,
+                        "mom2_weight": lam,
+                        "clamp_norm_factor": clamp,
+                        "refused": str(exc),
+                        "objective": 0.0,
+                    }
+                )
+                continue
             after = summarize(score(handle, batch))
             kept = canary(handle, prompts, answers)
         ns_rel = min(1.0, after.ns / base.ns) if base.ns > 0 else 0.0
@@ -147,6 +162,8 @@ def profile_model(
         }
         log.info("profile point %s", row)
         grid.append(row)
+    if all("refused" in r for r in grid):
+        raise UnrealisedUpdate(f"every grid point was refused; the last: {grid[-1]['refused']}")
     best = max(grid, key=lambda r: r["objective"])
     digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()[:16]
     return {
