@@ -396,9 +396,10 @@ class Editor:
         targets converged, yet the update destroys the model. That is never applied silently.
         """
         worst_name, worst = "", 0.0
-        for name, update in updates.items():
+        for name in updates:
+            # The solver already has ‖Δ‖ from its factors; no dense product on the edit path.
             weight = float(self.handle.weight(name).double().norm())
-            ratio = float(update.dense().double().norm()) / max(weight, 1e-30)
+            ratio = per_layer[name]["update_norm"] / max(weight, 1e-30)
             per_layer[name]["update_ratio"] = ratio
             if ratio > worst:
                 worst_name, worst = name, ratio
