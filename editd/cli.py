@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="peft: compress an adapter of higher rank by truncated SVD (error measured).",
     )
 
+    p = command(
+        "consolidate",
+        "editd.daemon.client:consolidate",
+        "Re-solve every live fact jointly from the base weights, as a new version.",
+    )
+    p.add_argument("--url", help="Admin API of the running daemon (default from serve.*).")
+    p.add_argument("--json", action="store_true")
+
     p = command("status", "editd.daemon.client:status", "Show the running daemon's state.")
     p.add_argument("--url")
     p.add_argument("--json", action="store_true")

@@ -171,6 +171,15 @@ class EditingSettings(Section):
         "× its norm (to the rejected topic, with the reason): an update that size destroys the "
         "model whatever its targets said. Empty: the model's profile, else 10.",
     )
+    consolidate_every: int | None = Field(
+        None,
+        gt=0,
+        description="Once this many facts have been applied since the last consolidation, "
+        "re-solve every live fact jointly from the base weights, as one batch would (a version "
+        "of its own, no facts; a rollback past it is exact). Sequential batches spend norm "
+        "undoing each other; this returns it. Empty: the model's profile, else never; "
+        "`editd consolidate` runs one now.",
+    )
     stats_tokens: int | None = Field(
         None, description="Token budget for C0; empty is 10 × d_in of the edited layer."
     )

@@ -278,7 +278,23 @@ class VersionedModel:
                 {n: torch.cat(ts, dim=1) for n, ts in targets.items()},
                 self.store.deltas(),
             )
-            return self.apply(update, [], timings={"consolidate": time.perf_counter() - t})
+            return self.apply(
+                update,
+                [],
+                timings={"consolidate": time.perf_counter() - t},
+                diagnostics=update.diagnostics,
+            )
+
+    def facts_since_consolidation(self) -> int:
+        """Live facts applied after the newest consolidation, kept or rolled back.
+
+        A consolidation the evaluator rolled back counts too: the next attempt waits for as
+        many new facts again instead of re-solving, and failing, after every batch.
+        """
+        with self._changing:
+            versions = self.store.versions()
+            last = max((v.version for v in versions if v.consolidated), default=0)
+            return sum(len(self.store.version(v).facts) for v in self.store.lineage() if v > last)
 
     def rollback(self, to_version: int, reason: str) -> RolledBack:
         """Serve `to_version` (in the live lineage) again; the undone facts go to the outbox."""

@@ -6,6 +6,8 @@
 # METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
 # emmet-ridge, emmet-wide-ridge.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
+# CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
+# its runs are named METHOD-cN-EDITS.
 set -euo pipefail
 edits=${1:?number of edits}
 shift
@@ -52,9 +54,15 @@ for method in ${methods[@]}; do
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0
       "EDITD_EDITING__LAYERS=$wide")
   fi
+  name=$method
+  extra=()
+  if [ -n "${CONSOLIDATE:-}" ]; then
+    name=$method-c$CONSOLIDATE
+    extra=(--consolidate-every "$CONSOLIDATE")
+  fi
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \
     --edits "$edits" --batch-size 100 --seed 0 \
-    --store "$work/$method-$edits" --curve "$out/$method-$edits.jsonl" --curve-every 100 \
-    --json > "$out/$method-$edits.json"
+    --store "$work/$name-$edits" --curve "$out/$name-$edits.jsonl" --curve-every 100 \
+    "${extra[@]}" --json > "$out/$name-$edits.json"
 done

@@ -4,6 +4,7 @@ rollback, and what reaches the rejected topic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -207,3 +208,57 @@ def test_rollback_and_poison_reach_the_rejected_topic_with_one_header_set(
     finally:
         service.stop()
         service.model.close()
+
+
+def test_a_consolidation_runs_every_n_facts_and_one_rolled_back_waits_for_n_more(
+    service: EditService,
+) -> None:
+    editor = service.editor
+    editor.config = dataclasses.replace(editor.config, consolidate_every=4)
+    for seed in (10, 11):
+        service.apply_batch(make_requests(2, seed=seed))
+    # Four facts since the base: version 3 re-solves them, and holds none of its own.
+    assert _versions(service) == [(1, 2), (2, 2), (3, 0)]
+    assert service.model.version(3).consolidated
+    assert service.model.facts_since_consolidation() == 0
+    assert service.model.served_sha256() == service.model.store.expected_sha256(3)
+    assert len(service.model.applied_fact_ids()) == 4
+    # The evaluator judged it worse: back to the sequential update, nothing rejected.
+    service.policy_rollback(2, "policy: canary")
+    assert service.model.store.outbox.pending() == []
+    service.apply_batch(make_requests(2, seed=12))
+    assert [v for v, _ in _versions(service)][-1] == 4  # not re-solved after two facts
+    service.apply_batch(make_requests(2, seed=13))
+    assert _versions(service)[-2:] == [(5, 2), (6, 0)]
+    assert (
+        service.metrics.consolidations.labels(trigger="schedule", outcome="applied")._value.get()
+        == 2
+    )
+
+
+def test_an_operator_consolidation_needs_live_facts_and_is_refused_on_a_busy_model(
+    service: EditService,
+) -> None:
+    with pytest.raises(Conflict, match="no live facts"):
+        service.consolidate()
+    service.apply_batch(make_requests(2, seed=14))
+    done = service.consolidate()
+    assert done["version"] == 2 and done["facts_since"] == 2
+    assert service.model.facts_since_consolidation() == 0
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with service.model.changing():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(Conflict, match="in progress"):
+            service.consolidate()
+    finally:
+        release.set()
+        holder.join(30)

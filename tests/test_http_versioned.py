@@ -276,3 +276,27 @@ def test_requests_never_fail_or_mix_versions_while_the_versioned_model_changes(
     assert failures == []
     assert swaps >= 10 and 0 in seen and len(seen) > 2, (swaps, sorted(seen)[:10])
     assert model.served_sha256() == model.store.expected_sha256(0)
+
+
+def test_a_consolidation_over_http_keeps_every_fact_and_a_rollback_past_it_is_exact(
+    service: EditService, http: TestClient
+) -> None:
+    assert http.post("/v1/consolidate").status_code == 401
+    assert http.post("/v1/consolidate", headers=ADMIN).status_code == 409  # no facts yet
+    for seed in (8, 9):
+        service.apply_batch(make_requests(2, seed=seed))
+    sequential = http.get("/v1/status").json()["served_sha256"]
+    r = http.post("/v1/consolidate", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == 3 and r.json()["facts_since"] == 4
+    assert _greedy(http)[0] == "3"
+    listed = {v["version"]: v for v in http.get("/v1/versions").json()["data"]}
+    assert listed[3]["consolidated"] and listed[3]["facts"] == 0
+    assert not listed[2]["consolidated"]
+    assert http.get("/v1/status").json()["served_sha256"] == service.model.store.expected_sha256(3)
+    assert len(service.model.applied_fact_ids()) == 4
+    metric = 'editd_consolidations_total{outcome="applied",trigger="operator"} 1.0'
+    assert metric in http.get("/metrics").text
+    r = http.post("/v1/rollback", json={"version": 2, "reason": "test"}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["facts"] == 0
+    assert http.get("/v1/status").json()["served_sha256"] == sequential

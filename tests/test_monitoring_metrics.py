@@ -124,7 +124,17 @@ def test_exposition_follows_conventions(metrics: Metrics) -> None:
     metrics.observe_request("/livez", 200, 0.001)
     text = generate_latest(metrics.registry).decode()
     families = list(text_string_to_metric_families(text))
-    allowed_labels = {"set", "score", "stage", "outcome", "reason", "route", "status", "le"}
+    allowed_labels = {
+        "set",
+        "score",
+        "stage",
+        "outcome",
+        "reason",
+        "route",
+        "status",
+        "le",
+        "trigger",
+    }
     assert len(families) >= 25
     for family in families:
         assert family.name.startswith("editd_"), family.name

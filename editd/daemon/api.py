@@ -10,7 +10,7 @@ Starlette's thread pool.
 Every response carries `x-editd-model-version`. A completion's header names the version its
 tokens were computed with (recorded under the read lock), never "whatever is current now".
 
-Admin routes (`POST /v1/rollback`, `POST /v1/eval`) need
+Admin routes (`POST /v1/rollback`, `POST /v1/consolidate`, `POST /v1/eval`) need
 `Authorization: Bearer <serve.admin_token>`, compared with `hmac.compare_digest`. Missing or wrong
 credentials: 401. No token configured: 403 on every admin route, whatever the request carries;
 403 and not 503, because it is a fixed property of the configuration, not a transient state a
@@ -94,6 +94,11 @@ class Service(Protocol):
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
         """Restore `version`; raise NotFound for an unknown one, Conflict when one is running."""
+        ...
+
+    def consolidate(self) -> dict[str, Any]:
+        """Re-solve every live fact jointly as a new version; Conflict when an edit or
+        rollback is running, there is nothing to consolidate, or this is a replica."""
         ...
 
     def metrics_payload(self) -> bytes:
@@ -247,6 +252,11 @@ def create_app(
     async def rollback(body: RollbackRequest) -> dict[str, Any]:
         log.warning("rollback to version %d requested over HTTP: %s", body.version, body.reason)
         return await run_in_threadpool(service.rollback, body.version, body.reason)
+
+    @app.post("/v1/consolidate", dependencies=admin)
+    async def consolidate() -> dict[str, Any]:
+        log.warning("consolidation requested over HTTP")
+        return await run_in_threadpool(service.consolidate)
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:

@@ -66,6 +66,9 @@ class DaemonClient:
     def evaluate(self) -> dict[str, Any]:
         return self._call("POST", "/v1/eval", admin=True, slow=True)
 
+    def consolidate(self) -> dict[str, Any]:
+        return self._call("POST", "/v1/consolidate", admin=True, slow=True)
+
     def rollback(self, version: int, reason: str = "operator") -> dict[str, Any]:
         body = {"version": version, "reason": reason}
         return self._call("POST", "/v1/rollback", json=body, admin=True, slow=True)
@@ -119,6 +122,12 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """`editd eval [--json] [--url URL]`: evaluate now, with the configured admin token."""
     client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
     return _run(lambda: client.evaluate(), args, title=f"evaluation of {client.url}")
+
+
+def consolidate(args: argparse.Namespace, settings: Settings) -> int:
+    """`editd consolidate [--json] [--url URL]`: re-solve every live fact jointly, now."""
+    client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
+    return _run(lambda: client.consolidate(), args, title=f"consolidation on {client.url}")
 
 
 def _run(call: Any, args: argparse.Namespace, *, title: str) -> int:

@@ -235,6 +235,9 @@ class ReplicaService(Serving):
     def evaluate_now(self) -> dict[str, Any]:
         raise Conflict(NOT_HERE.format(what="evaluate"))
 
+    def consolidate(self) -> dict[str, Any]:
+        raise Conflict(NOT_HERE.format(what="consolidate"))
+
     def metrics_payload(self) -> bytes:
         self.export_capacity()
         return generate_latest(self.metrics.registry)

@@ -277,6 +277,9 @@ class EditService(Serving):
                 if facts:
                     self._editing = {"facts": len(facts), "since": time.time()}
                     self._apply_locked(facts, offsets)
+                    every = self.editor.config.consolidate_every
+                    if every and self.model.facts_since_consolidation() >= every:
+                        self._consolidate_locked("schedule")
         except FatalError as exc:
             self.on_fatal(exc)
             raise
@@ -334,6 +337,56 @@ class EditService(Serving):
         )
         if self.evaluator is not None:
             self.evaluator.record_version(version, facts)
+
+    def consolidate(self) -> dict[str, Any]:
+        """An operator's consolidation (API or CLI through the API)."""
+        try:
+            with self.model.changing(timeout=0.5):
+                result = self._consolidate_locked("operator")
+        except Busy as exc:
+            raise Conflict(str(exc)) from exc
+        if result is None:
+            raise Conflict("no live facts to consolidate")
+        return result
+
+    def _consolidate_locked(self, trigger: str) -> dict[str, Any] | None:
+        """Re-solve every live fact jointly (`VersionedModel.consolidate`) as a new version.
+
+        The evaluator judges it like any version, so one that scores worse is rolled back
+        (exactly: it holds no facts, so nothing is rejected). A failure is logged and leaves
+        the sequential version served; it is not a reason to stop editing.
+        """
+        facts = self.model.facts_since_consolidation()
+        start = time.perf_counter()
+        try:
+            applied = self.model.consolidate()
+        except torch.OutOfMemoryError as exc:
+            _free_device_memory()
+            log.error("consolidation ran out of memory; serving the sequential update: %s", exc)
+            self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
+            return None
+        except (ValueError, RuntimeError) as exc:
+            if is_device_error(exc):
+                raise DeviceError(f"the device failed while consolidating: {exc}") from exc
+            log.error("consolidation failed; still serving the sequential update: %s", exc)
+            self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
+            return None
+        if applied is None:
+            return None
+        seconds = time.perf_counter() - start
+        version = applied.version.version
+        self.metrics.consolidations.labels(trigger=trigger, outcome="applied").inc()
+        self.metrics.consolidate_seconds.observe(seconds)
+        log.info(
+            "version %d: consolidated the live facts (%d since the last) in %.1fs (%s)",
+            version,
+            facts,
+            seconds,
+            trigger,
+        )
+        if self.evaluator is not None:
+            self.evaluator.record_version(version, [])
+        return {"version": version, "facts_since": facts, "seconds": round(seconds, 3)}
 
     def _reject(self, facts: Sequence[FactUpdate], reason: str) -> None:
         """Facts that were never applied: durably into the outbox, published from there."""

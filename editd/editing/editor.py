@@ -78,6 +78,9 @@ class EditorConfig:
     # on an ordinary edit); a profile sets a model's own (SmolLM2's: 2.0, room for a batch
     # of 1,024).
     max_update_ratio: float = 10.0
+    # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
+    # runs them; the editor only solves.
+    consolidate_every: int | None = None
     max_rank: int | None = None  # low-rank keys before refactoring; None: d_in / 4
     stats_tokens: int | None = None  # None: 10 × d_in
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
@@ -120,6 +123,7 @@ class EditorConfig:
             **({"max_update_ratio": merged.max_update_ratio} if merged.max_update_ratio else {}),
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
+            consolidate_every=merged.consolidate_every,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )

@@ -170,6 +170,21 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        # Joint re-solves of the live facts (VersionedModel.consolidate), which return norm.
+        self.consolidations = Counter(
+            "consolidations",
+            "Consolidations run, by trigger (schedule, operator) and outcome (applied, failed).",
+            ["trigger", "outcome"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.consolidate_seconds = Histogram(
+            "consolidate_seconds",
+            "Wall time of one consolidation (every live fact re-solved, stored, swapped in).",
+            namespace=NAMESPACE,
+            buckets=EDIT_BUCKETS,
+            registry=r,
+        )
         self.model_version = Gauge(
             "model_version",
             "Model version being served (0 = base model).",
@@ -296,6 +311,9 @@ class Metrics:
         # "rollback happened" alert needs every reason present at 0 from the start.
         for reason in ROLLBACK_REASONS:
             self.rollbacks.labels(reason=reason)
+        for trigger in ("schedule", "operator"):
+            for outcome in ("applied", "failed"):
+                self.consolidations.labels(trigger=trigger, outcome=outcome)
 
     def observe_request(self, route: str, status_code: int, seconds: float) -> None:
         """`route` is the route template (`/v1/completions`), never the raw URL."""

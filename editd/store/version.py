@@ -61,6 +61,11 @@ class Version:
     def live(self) -> bool:
         return self.state is VersionState.COMMITTED
 
+    @property
+    def consolidated(self) -> bool:
+        """A joint re-solve of the facts before it (`VersionedModel.consolidate`): no facts."""
+        return "consolidated" in self.diagnostics
+
     def replace(self, **changes: Any) -> Version:
         return dataclasses.replace(self, **changes)
 
@@ -101,6 +106,7 @@ class Version:
             "parent": self.parent,
             "created": self.created,
             "facts": len(self.facts),
+            "consolidated": self.consolidated,
             "state": self.state.value,
             "current": current,
             "scores": self.scores,
