@@ -15,7 +15,7 @@ import torch
 from editing_support import CORPUS, tiny_llama_dir
 
 from editd.config import Settings
-from editd.daemon.errors import Conflict, FatalError, NotFound
+from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.service import DeviceError, EditService, is_device_error
 from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
@@ -47,6 +47,11 @@ class FlakyEditor(Editor):
             raise ValueError("target optimisation produced NaN")
         return super().compute_update(batch)
 
+    def consolidate(self, keys, targets, current):  # type: ignore[override]
+        if self.poison == "consolidate":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return super().consolidate(keys, targets, current)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -70,6 +75,11 @@ def service(model_dir: Path, tmp_path: Path) -> Iterator[EditService]:
     svc = _service(model_dir, tmp_path, ["127.0.0.1:9"])
     yield svc
     svc.model.close()
+
+
+def _consolidations(service: EditService, trigger: str, outcome: str) -> float | None:
+    labels = {"trigger": trigger, "outcome": outcome}
+    return service.metrics.registry.get_sample_value("editd_consolidations_total", labels)
 
 
 def _versions(service: EditService) -> list[tuple[int, int]]:
@@ -230,10 +240,7 @@ def test_a_consolidation_runs_every_n_facts_and_one_rolled_back_waits_for_n_more
     assert [v for v, _ in _versions(service)][-1] == 4  # not re-solved after two facts
     service.apply_batch(make_requests(2, seed=13))
     assert _versions(service)[-2:] == [(5, 2), (6, 0)]
-    assert (
-        service.metrics.consolidations.labels(trigger="schedule", outcome="applied")._value.get()
-        == 2
-    )
+    assert _consolidations(service, "schedule", "applied") == 2
 
 
 def test_an_operator_consolidation_needs_live_facts_and_is_refused_on_a_busy_model(
@@ -253,6 +260,13 @@ def test_an_operator_consolidation_needs_live_facts_and_is_refused_on_a_busy_mod
             held.set()
             release.wait(30)
 
+    # A consolidation that runs out of memory leaves the sequential version served.
+    service.apply_batch(make_requests(2, seed=15))
+    service.editor.poison = "consolidate"
+    with pytest.raises(Unavailable, match="still served"):
+        service.consolidate()
+    assert service.model.current == 3 and service.is_ready()
+    assert _consolidations(service, "operator", "failed") == 1
     holder = threading.Thread(target=hold)
     holder.start()
     try:

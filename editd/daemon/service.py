@@ -35,7 +35,7 @@ from editd.config import Settings
 from editd.consumers.rejected import OutboxPublisher
 from editd.consumers.security import client_options
 from editd.consumers.updates import UpdateLogPublisher
-from editd.daemon.errors import Conflict, FatalError, NotFound
+from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.serving import Serving
 from editd.editing.scoring import canary_accuracy, score_facts
 from editd.facts import FactUpdate
@@ -342,11 +342,16 @@ class EditService(Serving):
         """An operator's consolidation (API or CLI through the API)."""
         try:
             with self.model.changing(timeout=0.5):
+                if not self.model.applied_fact_ids():
+                    raise Conflict("no live facts to consolidate")
                 result = self._consolidate_locked("operator")
         except Busy as exc:
             raise Conflict(str(exc)) from exc
         if result is None:
-            raise Conflict("no live facts to consolidate")
+            raise Unavailable(
+                "the consolidation failed (the log says why); the sequential "
+                "version is still served"
+            )
         return result
 
     def _consolidate_locked(self, trigger: str) -> dict[str, Any] | None:
@@ -358,6 +363,8 @@ class EditService(Serving):
         """
         facts = self.model.facts_since_consolidation()
         start = time.perf_counter()
+        editing = self._editing
+        self._editing = {"consolidating": len(self.model.applied_fact_ids()), "since": time.time()}
         try:
             applied = self.model.consolidate()
         except torch.OutOfMemoryError as exc:
@@ -371,6 +378,8 @@ class EditService(Serving):
             log.error("consolidation failed; still serving the sequential update: %s", exc)
             self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
             return None
+        finally:
+            self._editing = editing
         if applied is None:
             return None
         seconds = time.perf_counter() - start
