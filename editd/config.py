@@ -180,6 +180,13 @@ class EditingSettings(Section):
         "undoing each other; this returns it. Empty: the model's profile, else never; "
         "`editd consolidate` runs one now.",
     )
+    consolidate_eps: float | None = Field(
+        None,
+        ge=0,
+        description="EMMET's ε in a consolidation's re-solve. Its targets are what each fact "
+        "already realised, so a soft ε shrinks them again. Empty: the model's profile, else "
+        "emmet_eps.",
+    )
     stats_tokens: int | None = Field(
         None, description="Token budget for C0; empty is 10 × d_in of the edited layer."
     )

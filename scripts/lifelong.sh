@@ -4,7 +4,7 @@
 # and each method continues from its edit store. Usage:
 #   scripts/lifelong.sh EDITS [METHOD...]
 # METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
-# emmet-ridge, emmet-wide-ridge.
+# emmet-ridge, emmet-wide-ridge, emmet-seven.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 # CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
 # its runs are named METHOD-cN-EDITS.
@@ -40,6 +40,11 @@ for method in ${methods[@]}; do
     # total key width.
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=$wide")
+  elif [ "$method" = emmet-seven ]; then
+    # Soft EMMET over seven adjacent layers (3-9): more key width than 4-8 without the
+    # far-apart layers that wrecked 3-12.
+    algo=emmet
+    env=(EDITD_EDITING__EMMET_EPS=0.1 "EDITD_EDITING__LAYERS=[3,4,5,6,7,8,9]")
   elif [ "$method" = emmet-ridge ]; then
     # Soft EMMET with ENCORE's norm constraint alone: a floor under C0's small eigenvalues,
     # which 15,360 tokens estimate worst and an exact-constraint update leans on most.

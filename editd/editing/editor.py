@@ -81,6 +81,9 @@ class EditorConfig:
     # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
     # runs them; the editor only solves.
     consolidate_every: int | None = None
+    # EMMET's ε in the re-solve; None: emmet_eps. The targets of a re-solve are what each fact
+    # already realised, so a soft ε shrinks them a second time (see Editor.consolidate).
+    consolidate_eps: float | None = None
     max_rank: int | None = None  # low-rank keys before refactoring; None: d_in / 4
     stats_tokens: int | None = None  # None: 10 × d_in
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
@@ -124,6 +127,7 @@ class EditorConfig:
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
             consolidate_every=merged.consolidate_every,
+            consolidate_eps=merged.consolidate_eps,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )
@@ -437,6 +441,9 @@ class Editor:
         self.prepare()
         with self.handle.reading():
             anchors = read_anchors(self.handle, self.modules)
+        solve = self._solve
+        if self.config.algo == "emmet" and self.config.consolidate_eps is not None:
+            solve = functools.partial(solve_emmet, eps=self.config.consolidate_eps)
         layers: dict[str, LayerUpdate] = {}
         per_layer: dict[str, dict[str, float]] = {}
         for name in self.modules:
@@ -446,7 +453,7 @@ class Editor:
             anchor = anchors[name].to(now)
             k = torch.cat([keys[name].to(now), anchor], dim=1)
             t = torch.cat([targets[name].to(now), now @ anchor], dim=1)
-            sol = self._solve(k, t, self.preservation[name].fresh())
+            sol = solve(k, t, self.preservation[name].fresh())
             change = sol.left.to(now) @ sol.right.to(now) - now  # (d_out, d_in)
             d_out, d_in = change.shape
             eye = torch.eye(min(d_out, d_in), dtype=now.dtype)
