@@ -7,7 +7,8 @@
 # emmet-ridge, emmet-wide-ridge, emmet-seven.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 # CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
-# its runs are named METHOD-cN-EDITS.
+# its runs are named METHOD-cN-EDITS, or METHOD-cNeE-EDITS with the re-solve's ε set by
+# CONSOLIDATE_EPS=E.
 set -euo pipefail
 edits=${1:?number of edits}
 shift
@@ -64,6 +65,10 @@ for method in ${methods[@]}; do
   if [ -n "${CONSOLIDATE:-}" ]; then
     name=$method-c$CONSOLIDATE
     extra=(--consolidate-every "$CONSOLIDATE")
+    if [ -n "${CONSOLIDATE_EPS:-}" ]; then
+      name=${name}e$CONSOLIDATE_EPS
+      env+=("EDITD_EDITING__CONSOLIDATE_EPS=$CONSOLIDATE_EPS")
+    fi
   fi
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \

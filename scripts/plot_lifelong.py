@@ -2,10 +2,10 @@
 table of their final results (docs/lifelong/table-N.md), and the table of every curve's point
 at N edits (docs/lifelong/points-N.md), so runs of different lengths compare at one count.
 
-python scripts/plot_lifelong.py docs/lifelong 500
+python scripts/plot_lifelong.py docs/lifelong 500 [RUN ...]
 
-Curves are every `*.jsonl` in the directory, drawn up to N edits; final results are the
-`*-N.json` files.
+Curves are every `*.jsonl` in the directory (or only the named runs), drawn up to N edits;
+final results are the `*-N.json` files.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PANELS = (
 )
 
 
-def main(directory: str, edits: str) -> Path:
+def main(directory: str, edits: str, *only: str) -> Path:
     root = Path(directory)
     curves = {
         path.stem: [
@@ -38,6 +38,7 @@ def main(directory: str, edits: str) -> Path:
             if p["edits"] <= int(edits)
         ]
         for path in sorted(root.glob("*.jsonl"))
+        if not only or path.stem in only
     }
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
@@ -169,4 +170,4 @@ def points_table(curves: dict[str, list[dict]], at: int) -> str:
 
 
 if __name__ == "__main__":
-    print(main(*sys.argv[1:3]))
+    print(main(*sys.argv[1:]))
