@@ -367,13 +367,12 @@ class EditService(Serving):
         self._editing = {"consolidating": len(self.model.applied_fact_ids()), "since": time.time()}
         try:
             applied = self.model.consolidate()
-        except torch.OutOfMemoryError as exc:
-            _free_device_memory()
-            log.error("consolidation ran out of memory; serving the sequential update: %s", exc)
-            self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
-            return None
         except (ValueError, RuntimeError) as exc:
-            if is_device_error(exc):
+            # Out of memory is not fatal here as it is for one fact: the dense re-solve needs
+            # more than a batch, and the sequential version it would replace is still good.
+            if isinstance(exc, torch.OutOfMemoryError):
+                _free_device_memory()
+            elif is_device_error(exc):
                 raise DeviceError(f"the device failed while consolidating: {exc}") from exc
             log.error("consolidation failed; still serving the sequential update: %s", exc)
             self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
