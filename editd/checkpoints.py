@@ -57,6 +57,9 @@ def render_versions(infos: list[dict[str, Any]]) -> str:
     rows = [header]
     for info in sorted(infos, key=lambda i: i["version"], reverse=True):
         state = info["state"]
+        if info.get("consolidated"):
+            # No facts of its own: it re-solved every live fact of its parent's lineage.
+            state += " [consolidation]"
         if info["undone_reason"]:
             state += f" ({info['undone_reason']})"
         if info["rejected_pending"]:

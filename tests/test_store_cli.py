@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_store_versions import base_of, commit_n, tiny_llama
+from test_store_versions import base_of, commit_n, make_update, tiny_llama
 
 from editd.cli import main
 from editd.lowrank import tensor_sha256
@@ -40,6 +40,19 @@ def store_dir(tmp_path):
         store.record_scores(4, {"es": 1.0, "ps": 0.875, "ns": 0.9, "s": 0.923})
         store.record_scores(5, {"applied": {"es": 0.5, "ps": 0.25, "ns": 0.75, "s": 0.4}})
     return root
+
+
+def test_checkpoints_table_marks_a_consolidation(tmp_path, cli_env, capsys):
+    root = tmp_path / "data"
+    base = base_of(tiny_llama(torch.float32))
+    with EditStore(root) as store:
+        store.create(base)
+        commit_n(store, base, 2)
+        store.commit(make_update(base, seed=7), [], {}, diagnostics={"consolidated": {}})
+    assert main(["checkpoints", "--data-dir", str(root)]) == 0
+    rows = {line.lstrip("* ").split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "committed [consolidation]" in rows["3"]
+    assert "[consolidation]" not in rows["2"]
 
 
 @pytest.fixture()
