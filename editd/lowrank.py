@@ -89,11 +89,15 @@ class LayerUpdate:
 
     left: (d_out, r), right: (r, d_in), r ≤ batch size. keys: (d_in, b), the batch's keys at
     this layer, which sequential editing adds to the preservation matrix of later batches.
+    `replaces`: left @ right is the whole accumulated update from here on (D_v = left @ right,
+    not D_{v-1} + left @ right). A consolidation is one: its joint solve has rank n + anchors,
+    where the change from D_{v-1} to it is dense.
     """
 
     left: torch.Tensor
     right: torch.Tensor
     keys: torch.Tensor
+    replaces: bool = False
 
     def dense(self) -> torch.Tensor:
         return self.left @ self.right  # (d_out, d_in)

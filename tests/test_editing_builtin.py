@@ -109,6 +109,10 @@ def test_consolidation_re_solves_every_live_fact_and_rolls_back_exactly(
             _, top1_before = object_probability(handle, requests)
         applied = model.consolidate()
         assert applied is not None and applied.version.facts == ()
+        # Stored as the joint solve's own factors (the live keys + BOS), not a dense change.
+        for name, m in applied.version.modules.items():
+            live = sum(model.store.version(v).modules[name]["keys"] for v in (1, 2, 3))
+            assert m["replaces"] and m["rank"] == live + 1, (name, m, live)
         assert model.current == 4 and model.applied_fact_ids() == {r.fact_id for r in requests}
         with model.reading():
             _, top1_after = object_probability(handle, requests)

@@ -3,6 +3,7 @@ exact rollback, snapshots, recovery state. Crash safety is in test_store_crash.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -145,6 +146,37 @@ def test_snapshots_give_the_same_bits_as_replay_from_base(tmp_path):
         store.open(base)
         assert delta_sha(store.deltas()) == head
         assert store.verify() == []
+
+
+def test_a_replacing_version_serves_its_own_product_and_a_rollback_past_it_is_exact(tmp_path):
+    # What a consolidation commits: per module factors whose product is the whole update.
+    base = base_of(tiny_llama(torch.bfloat16))
+    names = sorted(base)
+    with EditStore(tmp_path, snapshot_every=2) as store:
+        store.create(base)
+        seen = commit_n(store, base, 3)
+        joint = make_update(base, seed=9, names=names[:1])  # the other module keeps adding up
+        layers = {n: dataclasses.replace(u, replaces=True) for n, u in joint.layers.items()}
+        v4 = store.commit(EditUpdate(layers=layers), [], {}, diagnostics={"consolidated": {}})
+        assert v4.modules[names[0]]["replaces"] is True and "replaces" not in v4.modules.get(
+            names[1], {}
+        )
+        store.commit(make_update(base, seed=10), make_facts(5), {})
+        j = joint.layers[names[0]]
+        after = make_update(base, seed=10).layers[names[0]]
+        expected = lowrank_product(j.left, j.right) + lowrank_product(after.left, after.right)
+        assert torch.equal(store.deltas()[names[0]], expected)
+        replayed = store.deltas(use_snapshots=False)
+        assert delta_sha(replayed) == delta_sha(store.deltas())
+        # The LoRA factors start at the replacing version for that module only.
+        factors = store.factors()
+        assert len(factors[names[0]]) == 2 and len(factors[names[1]]) == 3
+        head = store.expected_sha256()
+        store.rollback(3, "operator")
+        assert {n: tensor_sha256(t) for n, t in store.served().items()} == seen[3]
+    with EditStore(tmp_path, snapshot_every=2) as store:
+        store.open(base)
+        assert store.verify(5) == [] and store.expected_sha256(5) == head
 
 
 def test_lowrank_product_is_exact_and_independent_of_threads():

@@ -125,26 +125,33 @@ def test_a_replica_store_serves_the_editors_tensors_and_its_rollbacks(tmp_path):
     assert reopened.current == 6 and reopened.verify() == []
 
 
-def test_a_replica_follows_a_consolidation_its_dense_update_and_a_rollback_past_it(tmp_path):
-    from editd.lowrank import EditUpdate, LayerUpdate
+@pytest.mark.parametrize("form", ["low-rank", "dense"])
+def test_a_replica_follows_a_consolidation_and_a_rollback_past_it(tmp_path, form):
+    from editd.lowrank import EditUpdate, LayerUpdate, lowrank_product
 
     _, editor, replica = _editor_and_replica(tmp_path, 3)
     source = UpdateLogSource(editor)
     _ship(source, replica, None)
-    # What `Editor.consolidate` commits: per module a dense change (identity times d_out × d_in),
-    # no keys, no facts.
+    # What `Editor.consolidate` commits: per module the joint solve's factors (or its dense
+    # product times an identity), replacing the accumulated update; no keys, no facts.
     g = torch.Generator().manual_seed(4)
     layers = {}
     for name, w in editor.base().items():
         d_out, d_in = w.shape
-        change = torch.randn(d_out, d_in, generator=g) * 0.01
-        eye = torch.eye(min(d_out, d_in))
-        left, right = (eye, change) if d_out <= d_in else (change, eye)
-        layers[name] = LayerUpdate(left=left, right=right, keys=torch.zeros(d_in, 0))
+        left, right = torch.randn(d_out, 5, generator=g), torch.randn(5, d_in, generator=g)
+        if form == "dense":
+            full = left @ right
+            eye = torch.eye(min(d_out, d_in))
+            left, right = (eye, full) if d_out <= d_in else (full, eye)
+        layers[name] = LayerUpdate(
+            left=left * 0.01, right=right, keys=torch.zeros(d_in, 0), replaces=True
+        )
     editor.commit(EditUpdate(layers=layers), [], {}, diagnostics={"consolidated": {}})
     assert _ship(source, replica, previous=3) == []
     assert replica.current == 4 and replica.version(4).consolidated
     assert replica.expected_sha256() == editor.expected_sha256() and replica.verify() == []
+    for name, layer in layers.items():
+        assert torch.equal(replica.deltas()[name], lowrank_product(layer.left, layer.right))
     editor.rollback(3, "canary fell")
     assert _ship(source, replica, previous=4) == [4]
     assert replica.expected_sha256() == editor.expected_sha256(3) and replica.verify() == []

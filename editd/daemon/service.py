@@ -368,8 +368,9 @@ class EditService(Serving):
         try:
             applied = self.model.consolidate()
         except (ValueError, RuntimeError) as exc:
-            # Out of memory is not fatal here as it is for one fact: the dense re-solve needs
-            # more than a batch, and the sequential version it would replace is still good.
+            # Out of memory is not fatal here as it is for one fact: a solve over every live
+            # fact needs more than a batch, and the sequential version it would replace is
+            # still good.
             if isinstance(exc, torch.OutOfMemoryError):
                 _free_device_memory()
             elif is_device_error(exc):

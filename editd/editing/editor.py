@@ -435,8 +435,9 @@ class Editor:
         updates that later batches spent undoing and redoing; the joint solve meets the same
         targets with the least C-norm the solver allows. BOS stays where it is now.
 
-        Returns the version that turns `current` into the joint solve: no facts, no new keys,
-        a dense update per module (rank min(d_out, d_in)). The model is read, not written.
+        Returns the joint solve as a version that replaces the accumulated update (D = its
+        product, `LayerUpdate.replaces`): no facts, no new keys, rank n + anchors per module, or
+        the dense product where that is smaller. The model is read, not written.
         """
         self.prepare()
         with self.handle.reading():
@@ -454,12 +455,19 @@ class Editor:
             k = torch.cat([keys[name].to(now), anchor], dim=1)
             t = torch.cat([targets[name].to(now), now @ anchor], dim=1)
             sol = solve(k, t, self.preservation[name].fresh())
-            change = sol.left.to(now) @ sol.right.to(now) - now  # (d_out, d_in)
-            d_out, d_in = change.shape
-            eye = torch.eye(min(d_out, d_in), dtype=now.dtype)
-            left, right = (eye, change) if d_out <= d_in else (change, eye)
+            left, right = sol.left.to(now), sol.right.to(now)  # (d_out, r), (r, d_in)
+            d_out, d_in = now.shape
+            if left.shape[1] * (d_out + d_in) >= d_out * d_in:
+                # More live facts than the factors save (r ≥ 419 on SmolLM2, ≥ 3,186 at
+                # Llama-3-8B's 4,096 × 14,336): the product itself, times an identity.
+                full = left @ right
+                eye = torch.eye(min(d_out, d_in), dtype=now.dtype)
+                left, right = (eye, full) if d_out <= d_in else (full, eye)
             layers[name] = LayerUpdate(
-                left=left.float(), right=right.float(), keys=now.new_zeros(d_in, 0).float()
+                left=left.float(),
+                right=right.float(),
+                keys=now.new_zeros(d_in, 0).float(),
+                replaces=True,
             )
             per_layer[name] = {**sol.diagnostics, "keys": float(keys[name].shape[1])}
         return EditUpdate(

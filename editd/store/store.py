@@ -27,7 +27,8 @@ records are dropped, the marks cleared).
 
 Exactness. D_v = D_{v−1} + left_v @ right_v, each product expanded by `lowrank.lowrank_product`
 from the stored float32 factors in a fixed order, so D_v has the same bits whether it is rebuilt
-from the base or from a snapshot, on any machine. The served weight is
+from the base or from a snapshot, on any machine. A module whose manifest entry says
+`"replaces": true` (a consolidation) starts over: D_v = left_v @ right_v. The served weight is
 `lowrank.served_weight(base, D_v)`, the formula the model handle uses too; each manifest records
 its sha256, and a rollback is checked against it.
 
@@ -349,9 +350,10 @@ class EditStore:
                         break
             for u in chain[chain.index(start) + 1 :]:
                 update = self._read_update(u, parts=("left", "right"))
+                modules = self._manifests[u].modules
                 for name in sorted(update["left"]):
-                    acc[name] = accumulate(
-                        acc.get(name), update["left"][name], update["right"][name]
+                    acc[name] = _advance(
+                        acc, name, update["left"][name], update["right"][name], modules
                     )
             if use_snapshots and v == self._current:
                 self._delta_cache = (v, {n: d.clone() for n, d in acc.items()})
@@ -361,12 +363,16 @@ class EditStore:
         self, version: int | None = None
     ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per module, the (left, right) float32 factors of every version in the lineage up to
-        `version`, oldest first: D_v = Σ left @ right (exports build a LoRA adapter from them)."""
+        `version` from its newest replacing one on, oldest first: D_v = Σ left @ right
+        (exports build a LoRA adapter from them)."""
         with self._lock:
             out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for v in self.lineage(version)[1:]:
                 update = self._read_update(v, parts=("left", "right"))
+                modules = self._manifests[v].modules
                 for name in sorted(update["left"]):
+                    if _replaces(modules, name):
+                        out[name] = []  # the versions before it no longer add up
                     out.setdefault(name, []).append((update["left"][name], update["right"][name]))
             return out
 
@@ -441,8 +447,8 @@ class EditStore:
             previous = self.deltas(parent)
             new = dict(previous)
             for name in sorted(modules):
-                new[name] = accumulate(
-                    previous.get(name), tensors[f"{name}.left"], tensors[f"{name}.right"]
+                new[name] = _advance(
+                    previous, name, tensors[f"{name}.left"], tensors[f"{name}.right"], modules
                 )
             sha = self._served_sha256(new)
             manifest = Version(
@@ -554,11 +560,12 @@ class EditStore:
                     left=factors[f"{name}.left"],
                     right=factors[f"{name}.right"],
                     keys=torch.zeros(factors[f"{name}.right"].shape[-1], 0),
+                    replaces=_replaces(record.modules, name),
                 )
                 for name in sorted(record.modules)
             }
             try:
-                tensors, _ = self._check_update(EditUpdate(layers=layers))
+                tensors, modules = self._check_update(EditUpdate(layers=layers))
             except (StoreMismatch, ValueError) as exc:
                 raise UpdateRefused(
                     f"version {v}: {exc}; run the replica with the editor's model and layers"
@@ -566,8 +573,8 @@ class EditStore:
             previous = self.deltas(record.parent)
             new = dict(previous)
             for name in sorted(layers):
-                new[name] = accumulate(
-                    previous.get(name), tensors[f"{name}.left"], tensors[f"{name}.right"]
+                new[name] = _advance(
+                    previous, name, tensors[f"{name}.left"], tensors[f"{name}.right"], modules
                 )
             sha = self._served_sha256(new)
             if sha != dict(record.sha256):
@@ -794,6 +801,8 @@ class EditStore:
                     raise ValueError(f"{name}.{part} holds NaN or infinite values")
                 tensors[f"{name}.{part}"] = t
             modules[name] = {"rank": left.shape[1], "keys": keys.shape[1]}
+            if layer.replaces:
+                modules[name]["replaces"] = True
         return tensors, modules
 
     def _served_sha256(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -885,6 +894,23 @@ class EditStore:
         except OSError as exc:
             log.warning("ignoring unreadable snapshot %s: %s", path, exc)
             return None
+
+
+def _replaces(modules: Mapping[str, Mapping[str, Any]], name: str) -> bool:
+    """Whether a version's update of `name` is the whole accumulated update (a consolidation)."""
+    return bool(modules.get(name, {}).get("replaces", False))
+
+
+def _advance(
+    previous: Mapping[str, torch.Tensor],
+    name: str,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    modules: Mapping[str, Mapping[str, Any]],
+) -> torch.Tensor:
+    """D_v of module `name`: D_{v-1} + left @ right, or left @ right where the version replaces."""
+    before = None if _replaces(modules, name) else previous.get(name)
+    return accumulate(before, left, right)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:

@@ -47,7 +47,8 @@ class Version:
     offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" → next offset
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     diagnostics: dict[str, Any] = field(default_factory=dict)
-    modules: dict[str, dict[str, int]] = field(default_factory=dict)  # name → rank, keys
+    # name → rank, keys, and "replaces" where the update is the whole accumulated one
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # every edited tensor as served
     scores: dict[str, Any] | None = None  # the last evaluation of this version
     scored: str | None = None
