@@ -8,7 +8,7 @@
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 # CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
 # its runs are named METHOD-cN-EDITS, or METHOD-cNeE-EDITS with the re-solve's ε set by
-# CONSOLIDATE_EPS=E.
+# CONSOLIDATE_EPS=E. SEED=S draws another edit order (default 0); its runs are named METHOD-sS-EDITS.
 set -euo pipefail
 edits=${1:?number of edits}
 shift
@@ -61,9 +61,12 @@ for method in ${methods[@]}; do
       "EDITD_EDITING__LAYERS=$wide")
   fi
   name=$method
+  if [ -n "${SEED:-}" ]; then
+    name=$method-s$SEED
+  fi
   extra=()
   if [ -n "${CONSOLIDATE:-}" ]; then
-    name=$method-c$CONSOLIDATE
+    name=$name-c$CONSOLIDATE
     extra=(--consolidate-every "$CONSOLIDATE")
     if [ -n "${CONSOLIDATE_EPS:-}" ]; then
       name=${name}e$CONSOLIDATE_EPS
@@ -72,7 +75,7 @@ for method in ${methods[@]}; do
   fi
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \
-    --edits "$edits" --batch-size 100 --seed 0 \
+    --edits "$edits" --batch-size 100 --seed "${SEED:-0}" \
     --store "$work/$name-$edits" --curve "$out/$name-$edits.jsonl" --curve-every 100 \
     "${extra[@]}" --json > "$out/$name-$edits.json"
 done

@@ -2,10 +2,11 @@
 table of their final results (docs/lifelong/table-N.md), and the table of every curve's point
 at N edits (docs/lifelong/points-N.md), so runs of different lengths compare at one count.
 
-python scripts/plot_lifelong.py docs/lifelong 500 [RUN ...]
+python scripts/plot_lifelong.py docs/lifelong 500 [RUN ...] [--prefix P]
 
 Curves are every `*.jsonl` in the directory (or only the named runs), drawn up to N edits;
-final results are the `*-N.json` files.
+final results are the `*-N.json` files (only the named runs' when runs are named). `--prefix P`
+writes P-methods-N.png and so on, beside the figures of all runs instead of over them.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ PANELS = (
 )
 
 
-def main(directory: str, edits: str, *only: str) -> Path:
+def main(directory: str, edits: str, *only: str, prefix: str = "") -> Path:
     root = Path(directory)
+    pre = f"{prefix}-" if prefix else ""
     curves = {
         path.stem: [
             p
@@ -52,11 +54,11 @@ def main(directory: str, edits: str, *only: str) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M, CounterFact, {edits} sequential edits")
     fig.tight_layout()
-    out = root / f"methods-{edits}.png"
+    out = root / f"{pre}methods-{edits}.png"
     fig.savefig(out, dpi=100)
-    (root / f"table-{edits}.md").write_text(table(root, edits))
-    (root / f"points-{edits}.md").write_text(points_table(curves, int(edits)))
-    capacity(curves, root / f"capacity-{edits}.png")
+    (root / f"{pre}table-{edits}.md").write_text(table(root, edits, only))
+    (root / f"{pre}points-{edits}.md").write_text(points_table(curves, int(edits)))
+    capacity(curves, root / f"{pre}capacity-{edits}.png")
     return out
 
 
@@ -120,7 +122,7 @@ COLUMNS = (
 )
 
 
-def table(root: Path, edits: str) -> str:
+def table(root: Path, edits: str, only: tuple[str, ...] = ()) -> str:
     """The final results (over every edit) of each method's `editd bench edit --json`."""
     rows = [
         "| method | " + " | ".join(c for _, c in COLUMNS) + " |",
@@ -128,7 +130,7 @@ def table(root: Path, edits: str) -> str:
     ]
     for path in sorted(root.glob(f"*-{edits}.json")):
         text = path.read_text().strip()
-        if not text:
+        if not text or (only and path.stem not in only):
             continue
         result = json.loads(text)
         cells = [
@@ -170,4 +172,10 @@ def points_table(curves: dict[str, list[dict]], at: int) -> str:
 
 
 if __name__ == "__main__":
-    print(main(*sys.argv[1:]))
+    args = sys.argv[1:]
+    prefix = ""
+    if "--prefix" in args:
+        i = args.index("--prefix")
+        prefix = args[i + 1]
+        del args[i : i + 2]
+    print(main(*args, prefix=prefix))
