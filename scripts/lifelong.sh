@@ -60,10 +60,7 @@ for method in ${methods[@]}; do
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0
       "EDITD_EDITING__LAYERS=$wide")
   fi
-  name=$method
-  if [ -n "${SEED:-}" ]; then
-    name=$method-s$SEED
-  fi
+  name=$method${SEED:+-s$SEED}
   extra=()
   if [ -n "${CONSOLIDATE:-}" ]; then
     name=$name-c$CONSOLIDATE
