@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from editd.memory import Gate
+
 # float64 accumulator rows per block: about 1 MiB, so a block stays in cache across the r passes.
 _BLOCK_BYTES = 1 << 20
 
@@ -105,7 +107,12 @@ class LayerUpdate:
 
 @dataclass(frozen=True)
 class EditUpdate:
-    """The result of `compute_update` for one batch: one LayerUpdate per edited module name."""
+    """The result of `compute_update` for one batch: one LayerUpdate per edited module name.
+
+    `gate` (an `editd.memory.Gate`): the batch is served through a gated memory instead of
+    being added to the weights.
+    """
 
     layers: dict[str, LayerUpdate]
     diagnostics: dict[str, object] = field(default_factory=dict)
+    gate: Gate | None = None

@@ -41,6 +41,7 @@ from editd.editing.editor import Editor
 from editd.editing.model import ModelHandle
 from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate
+from editd.memory import MEMORY_SHA256
 from editd.store.outbox import Rejected, batch_record_id
 from editd.store.store import EditStore, StoreError, UpdateRefused
 from editd.store.version import Version, now
@@ -155,13 +156,7 @@ class VersionedModel:
         """Serve the store's CURRENT, check it bit for bit, and rebuild preservation."""
         with self._changing:
             current = self.store.current
-            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(current))
-            mismatched = self._mismatched(current)
-            if mismatched:
-                raise RestoreFailed(
-                    f"version {current} rebuilt from {self.store.root} differs from its "
-                    f"manifest in {mismatched}"
-                )
+            self._serve(current, f"version {current} rebuilt from {self.store.root}")
             self._preserve_lineage()
             log.info("serving version %d", current)
             return current
@@ -180,8 +175,13 @@ class VersionedModel:
             yield self._version
 
     def served_sha256(self) -> dict[str, str]:
-        """sha256 of every edited tensor as served now, to compare with the manifests."""
-        return self.handle.weight_sha256(self.store.module_names)
+        """sha256 of every edited tensor as served now, and of the gated memory where one is
+        served, to compare with the manifests."""
+        out = self.handle.weight_sha256(self.store.module_names)
+        memory = self.handle.memory_sha256()
+        if memory is not None:
+            out[MEMORY_SHA256] = memory
+        return out
 
     def versions(self) -> list[dict[str, Any]]:
         return self.store.listing()
@@ -241,8 +241,10 @@ class VersionedModel:
             )
             stored = time.perf_counter() - t
             t = time.perf_counter()
-            number = version.version
-            pause = self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(number))
+            # Not checked against the manifest here: the store computed that sha256 from the
+            # very tensors served now, a moment ago; a restore, a rollback and a replica's
+            # follow serve what was rebuilt from disk, and those are checked.
+            pause = self._swap(version.version)
             swapped = time.perf_counter() - t
             if self.editor is not None:
                 self.editor.commit(update)
@@ -301,14 +303,8 @@ class VersionedModel:
         with self._changing:
             undone_from = self._version
             records = self.store.rollback(to_version, reason)
-            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(to_version))
+            self._serve(to_version, f"rollback to {to_version}")
             self._preserve_lineage()
-            mismatched = self._mismatched(to_version)
-            if mismatched:
-                raise RestoreFailed(
-                    f"rollback to {to_version} serves weights that differ from its manifest in "
-                    f"{mismatched}"
-                )
             return RolledBack(undone_from, to_version, tuple(records))
 
     # -- following an editor (a replica) ----------------------------------------------------
@@ -344,12 +340,7 @@ class VersionedModel:
             if target == self._version and self.store.current == target:
                 return []
             undone = self.store.follow(target, current.reason, current.at)
-            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(target))
-            mismatched = self._mismatched(target)
-            if mismatched:
-                raise RestoreFailed(
-                    f"version {target} serves weights that differ from its record in {mismatched}"
-                )
+            self._serve(target, f"version {target} from the update log")
             return undone
 
     def reject(self, facts: Sequence[FactUpdate | Mapping[str, Any]], reason: str) -> Rejected:
@@ -370,6 +361,21 @@ class VersionedModel:
         self.store.record_scores(version, scores)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _swap(self, version: int) -> float:
+        """Serve the store's live `version` (weights and gated memory) under the write lock;
+        the seconds readers waited."""
+        deltas, memory = self.store.served_state(version)
+        return self.handle.serve(deltas, memory, then=lambda: self._set(version))
+
+    def _serve(self, version: int, what: str) -> None:
+        """Swap to `version` and check what is served bit for bit against its manifest."""
+        self._swap(version)
+        mismatched = self._mismatched(version)
+        if mismatched:
+            raise RestoreFailed(
+                f"{what} serves weights that differ from its manifest in {mismatched}"
+            )
 
     def _set(self, version: int) -> None:
         self._version = version

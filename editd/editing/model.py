@@ -26,6 +26,7 @@ from torch import nn
 
 from editd.editing.trace import TraceDict
 from editd.lowrank import served_weight, tensor_sha256
+from editd.memory import GateCounter, GatedMemory, ServedMemory
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,12 @@ class ModelHandle:
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     _lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
     _edited: set[str] = field(default_factory=set, repr=False)
+    # The gated memory served now (editd.memory), its hooks, and the gate decision of the
+    # forward pass a thread is in (made at the gate module, read by the later edited ones).
+    _memory: ServedMemory | None = field(default=None, repr=False)
+    _memory_hooks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _gate_local: threading.local = field(default_factory=threading.local, repr=False)
+    gate_counter: GateCounter = field(default_factory=GateCounter, repr=False)
 
     @classmethod
     def load(
@@ -261,17 +268,34 @@ class ModelHandle:
         deltas: Mapping[str, torch.Tensor],
         then: Callable[[], None] | None = None,
     ) -> float:
-        """Serve `cast(base + delta)` for each named weight, atomically for readers.
+        """Serve `cast(base + delta)` for each named weight and no gated memory (`serve`)."""
+        return self.serve(deltas, None, then)
+
+    def serve(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        memory: GatedMemory | None,
+        then: Callable[[], None] | None = None,
+    ) -> float:
+        """Serve `cast(base + delta)` for each named weight, and `memory` through its gates,
+        atomically for readers.
 
         `deltas` holds the accumulated update of every edited weight (not an increment). Names
         edited before but absent here go back to their base values. Accumulation is float32
-        whatever the model's dtype. The new weights are computed before the write lock is
-        taken, so readers wait only for the copies; `then` runs under the same lock, so state
-        that must change together with the weights (the served version number) does.
+        whatever the model's dtype. `memory` (editd.memory) adds each open block's write to
+        its modules' outputs; None or an empty memory serves none. The new weights and the
+        memory's device tensors are built before the write lock is taken, so readers wait
+        only for the copies; `then` runs under the same lock, so state that must change
+        together with what is served (the served version number) does.
         Returns the seconds the write lock was held (the swap pause requests may see).
         """
         with torch.no_grad():
             staged = {name: self._served(name, delta) for name, delta in deltas.items()}
+            gated = (
+                ServedMemory.build(memory, self.device, self._memory)
+                if memory and memory.blocks
+                else None
+            )
         with self.writing():
             start = time.perf_counter()
             with torch.no_grad():
@@ -280,9 +304,70 @@ class ModelHandle:
                 for name in self._edited - set(staged):
                     self.weight(name).copy_(self.base[name])
             self._edited = set(staged)
+            if gated is not None:
+                self._hook_memory(gated)
+            self._memory = gated
             if then is not None:
                 then()
             return time.perf_counter() - start
+
+    def memory_sha256(self) -> str | None:
+        """The fingerprint of the gated memory served now (GatedMemory.fingerprint), if any."""
+        with self.reading():
+            return self._memory.memory.fingerprint() if self._memory is not None else None
+
+    @property
+    def memory(self) -> GatedMemory | None:
+        served = self._memory
+        return served.memory if served is not None else None
+
+    def _hook_memory(self, served: ServedMemory) -> None:
+        """Hooks on the modules a gated memory writes to, once each, ahead of any other.
+
+        They stay registered for the handle's life and do nothing while no memory is served.
+        Prepended, so a trace that replaces a module's output (base_view) replaces the write
+        too, and a trace that reads an output sees it.
+        """
+        names = {served.gate_module, *served.layers}
+        if "" not in self._memory_hooks:
+            # A new forward pass of the whole model forgets the previous pass's gate.
+            self._memory_hooks[""] = self.model.register_forward_pre_hook(
+                lambda _m, _a: self._forget_gate(), prepend=True
+            )
+        for name in sorted(names - set(self._memory_hooks)):
+            module = self.model.get_submodule(name)
+            self._memory_hooks[name] = module.register_forward_hook(
+                functools.partial(self._memory_hook, name), prepend=True
+            )
+
+    def _forget_gate(self) -> None:
+        self._gate_local.opened = None
+
+    def _memory_hook(
+        self, name: str, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        served = self._memory
+        if served is None or not args:
+            return None
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        if name == served.gate_module:
+            with torch.no_grad():
+                opened = served.open_blocks(flat)
+            self._gate_local.opened = opened
+            self.gate_counter.add(flat.shape[0], int(opened.any(dim=1).sum()))
+        else:
+            opened = getattr(self._gate_local, "opened", None)
+            if opened is None or opened.shape[0] != flat.shape[0]:
+                # A pass that did not start at the gate module (a replay of later layers):
+                # no gate was decided for these tokens, so nothing opens.
+                return None
+        if name not in served.layers:
+            return None
+        extra = served.write(name, flat, opened)
+        if extra is None:
+            return None
+        return output + extra.reshape(*output.shape[:-1], extra.shape[-1]).to(output.dtype)
 
     def _served(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         w = self.weight(name)
@@ -299,7 +384,7 @@ class ModelHandle:
 
     def reset(self) -> None:
         """Serve the base model again."""
-        self.set_deltas({})
+        self.serve({}, None)
 
     def base_view(self, names: Iterable[str] | None = None) -> TraceDict:
         """Within this block, this thread's forward passes see the base model.

@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 
 from editd import durable
 from editd.lowrank import EditUpdate, LayerUpdate, accumulate, served_weight, tensor_sha256
+from editd.memory import GATE_KEYS, MEMORY_SHA256, PROJECTION, Block, Gate, GatedMemory
 from editd.store.outbox import Outbox, Rejected, version_record_id
 from editd.store.version import FORMAT, Undo, Version, VersionState, now
 
@@ -132,6 +133,8 @@ class EditStore:
         self._base_meta: dict[str, dict[str, Any]] = {}
         # D of one version (normally the head), so a commit adds one product, not a replay.
         self._delta_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        # The gated memory of one version (normally the head), for the same reason.
+        self._memory_cache: tuple[int, GatedMemory] | None = None
 
     # ------------------------------------------------------------------ paths
 
@@ -239,6 +242,7 @@ class EditStore:
             self._opened = False
             self._base = None
             self._delta_cache = None
+            self._memory_cache = None
 
     def __enter__(self) -> EditStore:
         return self
@@ -349,6 +353,8 @@ class EditStore:
                         start, acc = u, snap
                         break
             for u in chain[chain.index(start) + 1 :]:
+                if self._manifests[u].gate is not None:
+                    continue  # served through the gate, not by the weights
                 update = self._read_update(u, parts=("left", "right"))
                 modules = self._manifests[u].modules
                 for name in sorted(update["left"]):
@@ -359,6 +365,36 @@ class EditStore:
                 self._delta_cache = (v, {n: d.clone() for n, d in acc.items()})
             return acc
 
+    def memory(self, version: int | None = None) -> GatedMemory:
+        """The gated memory served at `version`: one block per gated version of its lineage,
+        oldest first (empty for the weight form)."""
+        with self._lock:
+            self._require_open()
+            v = self._current if version is None else version
+            if self._memory_cache is not None and self._memory_cache[0] == v:
+                return self._memory_cache[1]
+            chain = self.lineage(v)
+            blocks: list[Block] = []
+            start = 0
+            cached = self._memory_cache
+            if cached is not None and cached[0] in chain:
+                start, blocks = chain.index(cached[0]), list(cached[1].blocks)
+            for u in chain[start + 1 :]:
+                if self._manifests[u].gate is not None:
+                    blocks.append(self._block(u))
+            memory = GatedMemory(tuple(blocks))
+            if v == self._current:
+                self._memory_cache = (v, memory)
+            return memory
+
+    def served_state(
+        self, version: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], GatedMemory]:
+        """What `version` serves: the weights' accumulated updates D_v and the gated memory.
+        A model handle serves exactly these (`ModelHandle.serve`)."""
+        with self._lock:
+            return self.deltas(version), self.memory(version)
+
     def factors(
         self, version: int | None = None
     ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -368,6 +404,11 @@ class EditStore:
         with self._lock:
             out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for v in self.lineage(version)[1:]:
+                if self._manifests[v].gate is not None:
+                    raise StoreError(
+                        f"version {v} is served through a gated memory: its updates act only "
+                        "where their gates open, so they have no plain-weight factors"
+                    )
                 update = self._read_update(v, parts=("left", "right"))
                 modules = self._manifests[v].modules
                 for name in sorted(update["left"]):
@@ -382,10 +423,11 @@ class EditStore:
             self.version(version)
             if version == 0:
                 return {}
-            update = self._read_update(version, parts=("left", "right"))
+            parts = ("left", "right", *_GATE_PARTS)
+            update = self._read_update(version, parts=parts)
             return {
                 f"{name}.{part}": update[part][name]
-                for part in ("left", "right")
+                for part in parts
                 for name in sorted(update[part])
             }
 
@@ -440,17 +482,11 @@ class EditStore:
             already = self.applied_fact_ids().intersection(fact_ids)
             if already:
                 raise ValueError(f"facts already applied: {sorted(already)[:5]}")
-            tensors, modules = self._check_update(update)
+            tensors, modules, gate = self._check_update(update)
 
             parent = self._current
             version = self._max_version + 1
-            previous = self.deltas(parent)
-            new = dict(previous)
-            for name in sorted(modules):
-                new[name] = _advance(
-                    previous, name, tensors[f"{name}.left"], tensors[f"{name}.right"], modules
-                )
-            sha = self._served_sha256(new)
+            new, memory, sha = self._next_state(version, parent, tensors, modules, gate)
             manifest = Version(
                 version=version,
                 parent=parent,
@@ -461,8 +497,9 @@ class EditStore:
                 diagnostics=_jsonable({**update.diagnostics, **(diagnostics or {})}),
                 modules=modules,
                 sha256=sha,
+                gate=gate,
             )
-            self._keep(manifest, tensors, new)
+            self._keep(manifest, tensors, new, memory)
             durable.write_bytes(self.root / "CURRENT", f"{version}\n".encode())
             self._current = version
             return manifest
@@ -518,6 +555,7 @@ class EditStore:
             log.warning("rolled back from version %d to %d: %s", self._current, to_version, reason)
             self._current = to_version
             self._delta_cache = None
+            self._memory_cache = None
             return records
 
     def ingest(
@@ -565,18 +603,15 @@ class EditStore:
                 for name in sorted(record.modules)
             }
             try:
-                tensors, modules = self._check_update(EditUpdate(layers=layers))
+                gate = _wire_gate(record, factors)
+                tensors, modules, gate_record = self._check_update(
+                    EditUpdate(layers=layers, gate=gate)
+                )
+                new, memory, sha = self._next_state(v, record.parent, tensors, modules, gate_record)
             except (StoreMismatch, ValueError) as exc:
                 raise UpdateRefused(
                     f"version {v}: {exc}; run the replica with the editor's model and layers"
                 ) from exc
-            previous = self.deltas(record.parent)
-            new = dict(previous)
-            for name in sorted(layers):
-                new[name] = _advance(
-                    previous, name, tensors[f"{name}.left"], tensors[f"{name}.right"], modules
-                )
-            sha = self._served_sha256(new)
             if sha != dict(record.sha256):
                 wrong = sorted(n for n in sha if sha[n] != record.sha256.get(n))
                 raise UpdateRefused(
@@ -584,7 +619,9 @@ class EditStore:
                     f"the record is corrupt"
                 )
             # Usually served next: `_keep` holds D_v, so `follow` does not replay the lineage.
-            self._keep(record.replace(state=VersionState.COMMITTED, undone=None), tensors, new)
+            self._keep(
+                record.replace(state=VersionState.COMMITTED, undone=None), tensors, new, memory
+            )
             return True
 
     def follow(self, target: int, reason: str | None, at: str | None = None) -> list[int]:
@@ -772,7 +809,7 @@ class EditStore:
 
     def _check_update(
         self, update: EditUpdate
-    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any] | None]:
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, dict[str, Any]] = {}
         for name, layer in sorted(update.layers.items()):
@@ -803,17 +840,91 @@ class EditStore:
             modules[name] = {"rank": left.shape[1], "keys": keys.shape[1]}
             if layer.replaces:
                 modules[name]["replaces"] = True
-        return tensors, modules
+        gate = update.gate
+        if gate is None:
+            return tensors, modules, None
+        if any(layer.replaces for layer in update.layers.values()):
+            raise ValueError("a gated version cannot replace the accumulated update")
+        if gate.module not in self._base_meta:
+            raise StoreMismatch(f"the gate reads {gate.module}, not one of the store's modules")
+        d_in = self._base_meta[gate.module]["shape"][1]
+        proj, gkeys = _f32(gate.projection), _f32(gate.keys)
+        if proj.dim() != 2 or proj.shape[0] != d_in or gkeys.dim() != 2:
+            raise ValueError(
+                f"gate projection {tuple(proj.shape)} does not read a {d_in}-wide input"
+            )
+        if gkeys.shape[1] != proj.shape[1]:
+            raise ValueError(
+                f"gate keys {tuple(gkeys.shape)} do not fit projection {tuple(proj.shape)}"
+            )
+        if not (bool(torch.isfinite(proj).all()) and bool(torch.isfinite(gkeys).all())):
+            raise ValueError("the gate holds NaN or infinite values")
+        if not 0.0 < float(gate.threshold) <= 1.0:
+            raise ValueError(f"gate threshold {gate.threshold} is not in (0, 1]")
+        tensors[PROJECTION] = proj
+        tensors[GATE_KEYS] = gkeys
+        return tensors, modules, gate.record()
 
-    def _served_sha256(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, str]:
-        """sha256 of every edited tensor served as base + `deltas` (what a manifest records)."""
-        return {
+    def _next_state(
+        self,
+        version: int,
+        parent: int,
+        tensors: Mapping[str, torch.Tensor],
+        modules: Mapping[str, dict[str, Any]],
+        gate: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, torch.Tensor], GatedMemory, dict[str, str]]:
+        """D_v, the gated memory and the sha256 record of a new version on top of `parent`.
+
+        One lineage serves one form: a gated version on a weight-form lineage (or the other
+        way round) is refused, so the weights a lineage serves never depend on its gates.
+        """
+        lineage = self.lineage(parent)[1:]
+        forms = {self._manifests[u].gate is not None for u in lineage}
+        if forms and forms != {gate is not None}:
+            have = "a gated memory" if True in forms else "plain weights"
+            raise StoreMismatch(
+                f"version {version} is {'gated' if gate else 'a plain-weight update'}, but this "
+                f"store's lineage serves {have}: start a new data dir to change editing.memory"
+            )
+        previous = self.deltas(parent)
+        memory = self.memory(parent)
+        if gate is None:
+            new = dict(previous)
+            for name in sorted(modules):
+                new[name] = _advance(
+                    previous, name, tensors[f"{name}.left"], tensors[f"{name}.right"], modules
+                )
+        else:
+            new = previous
+            memory = GatedMemory((*memory.blocks, _block_of(version, tensors, modules, gate)))
+        return new, memory, self._served_sha256(new, memory)
+
+    def _served_sha256(
+        self, deltas: Mapping[str, torch.Tensor], memory: GatedMemory | None = None
+    ) -> dict[str, str]:
+        """sha256 of every edited tensor served as base + `deltas`, and of the gated memory
+        where there is one (what a manifest records)."""
+        out = {
             name: tensor_sha256(served_weight(t, deltas[name]) if name in deltas else t)
             for name, t in sorted(self.base().items())
         }
+        if memory is not None and memory.blocks:
+            out[MEMORY_SHA256] = memory.fingerprint()
+        return out
+
+    def _block(self, version: int) -> Block:
+        update = self._read_update(version, parts=("left", "right", *_GATE_PARTS))
+        tensors = {f"{n}.{p}": t for p, by in update.items() for n, t in by.items()}
+        m = self._manifests[version]
+        assert m.gate is not None
+        return _block_of(version, tensors, m.modules, m.gate)
 
     def _keep(
-        self, manifest: Version, tensors: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]
+        self,
+        manifest: Version,
+        tensors: dict[str, torch.Tensor],
+        deltas: dict[str, torch.Tensor],
+        memory: GatedMemory | None = None,
     ) -> None:
         """Write a version durably (not yet live) and remember its D_v; snapshot on schedule."""
         v = manifest.version
@@ -821,6 +932,8 @@ class EditStore:
         self._manifests[v] = manifest
         self._max_version = max(self._max_version, v)
         self._delta_cache = (v, deltas)
+        if memory is not None:
+            self._memory_cache = (v, memory)
         if (len(self.lineage(v)) - 1) % self.snapshot_every == 0:
             self._write_snapshot(v, deltas)
 
@@ -894,6 +1007,41 @@ class EditStore:
         except OSError as exc:
             log.warning("ignoring unreadable snapshot %s: %s", path, exc)
             return None
+
+
+_GATE_PARTS = tuple(n.rpartition(".")[2] for n in (PROJECTION, GATE_KEYS))
+
+
+def _block_of(
+    version: int,
+    tensors: Mapping[str, torch.Tensor],
+    modules: Mapping[str, Any],
+    gate: Mapping[str, Any],
+) -> Block:
+    return Block(
+        version=version,
+        layers={n: (tensors[f"{n}.left"], tensors[f"{n}.right"]) for n in sorted(modules)},
+        gate=Gate(
+            module=str(gate["module"]),
+            threshold=float(gate["threshold"]),
+            projection=tensors[PROJECTION],
+            keys=tensors[GATE_KEYS],
+        ),
+    )
+
+
+def _wire_gate(record: Version, factors: Mapping[str, torch.Tensor]) -> Gate | None:
+    """The gate a version record from the update log carries, or None for the weight form."""
+    if record.gate is None:
+        return None
+    if PROJECTION not in factors or GATE_KEYS not in factors:
+        raise ValueError("a gated version without its gate tensors")
+    return Gate(
+        module=str(record.gate["module"]),
+        threshold=float(record.gate["threshold"]),
+        projection=factors[PROJECTION],
+        keys=factors[GATE_KEYS],
+    )
 
 
 def _replaces(modules: Mapping[str, Mapping[str, Any]], name: str) -> bool:

@@ -50,6 +50,9 @@ class Version:
     # name → rank, keys, and "replaces" where the update is the whole accumulated one
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # every edited tensor as served
+    # A gated version (editd.memory): its gate module, threshold and projection rank; its
+    # update is served through the gate, not added to the weights. None: the weight form.
+    gate: dict[str, Any] | None = None
     scores: dict[str, Any] | None = None  # the last evaluation of this version
     scored: str | None = None
     undone: Undo | None = None
@@ -93,6 +96,7 @@ class Version:
             diagnostics=dict(data.get("diagnostics") or {}),
             modules=dict(data.get("modules") or {}),
             sha256=dict(data.get("sha256") or {}),
+            gate=dict(data["gate"]) if data.get("gate") else None,
             scores=data.get("scores"),
             scored=data.get("scored"),
             undone=Undo(**{k: undone[k] for k in ("at", "reason", "to_version", "from_version")})

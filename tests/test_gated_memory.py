@@ -1,0 +1,250 @@
+"""The gated edit memory (editd.memory): the gate math on random tensors, its versions in the
+store (exact rollback, reopen, the update log to a replica), and a model that serves it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from editd.editing.model import ModelHandle
+from editd.lowrank import EditUpdate, LayerUpdate, tensor_sha256
+from editd.memory import (
+    MEMORY_SHA256,
+    Block,
+    Gate,
+    GatedMemory,
+    ServedMemory,
+    embed,
+    gate_projection,
+)
+from editd.store.store import EditStore, StoreError, StoreMismatch
+from editd.store.wire import UpdateLogSource, decode_version
+from editd.versions import VersionedModel
+
+D_OUT, D_IN, B = 16, 48, 3
+
+
+def exact_block(version: int, keys: torch.Tensor, residuals: torch.Tensor, tau: float = 0.9):
+    """A block whose update maps each key exactly to its residual (an EMMET solve with C = I):
+    Δ = R (KᵀK)⁻¹ Kᵀ."""
+    right = torch.linalg.solve(keys.T @ keys, keys.T)  # (b, d_in)
+    projection = torch.eye(D_IN)
+    return Block(
+        version=version,
+        layers={"m": (residuals, right)},
+        gate=Gate("m", tau, projection, embed(keys.T, projection)),
+    )
+
+
+def test_a_matching_key_gets_the_exact_write_and_a_far_key_none():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(D_IN, B, generator=g, dtype=torch.float64).float()
+    residuals = torch.randn(D_OUT, B, generator=g)
+    served = ServedMemory.build(
+        GatedMemory((exact_block(1, keys, residuals),)), torch.device("cpu")
+    )
+
+    x = keys.T  # (B, d_in): each fact's own key
+    opened = served.open_blocks(x)
+    assert opened.all()
+    write = served.write("m", x, opened)
+    torch.testing.assert_close(write, residuals.T, rtol=1e-4, atol=1e-4)
+
+    # A key orthogonal to every stored one opens nothing, and nothing is written.
+    far = torch.randn(4, D_IN, generator=g)
+    q, _ = torch.linalg.qr(torch.cat([keys, far.T], dim=1))
+    far = q[:, B:].T  # (4, d_in), orthogonal to the keys
+    closed = served.open_blocks(far)
+    assert not closed.any()
+    assert served.write("m", far, closed) is None
+
+    # A key near one fact's (cosine above τ) opens that block: the paraphrase case.
+    near = keys[:, 1] + 0.1 * keys[:, 1].norm() * far[0] / far[0].norm()
+    assert served.open_blocks(near[None]).tolist() == [[True]]
+
+
+def test_blocks_open_independently_and_add_where_both_open():
+    g = torch.Generator().manual_seed(1)
+    k1, k2 = torch.randn(D_IN, B, generator=g), torch.randn(D_IN, B, generator=g)
+    r1, r2 = torch.randn(D_OUT, B, generator=g), torch.randn(D_OUT, B, generator=g)
+    memory = GatedMemory((exact_block(1, k1, r1), exact_block(2, k2, r2)))
+    served = ServedMemory.build(memory, torch.device("cpu"))
+    x = torch.cat([k1.T, k2.T])  # (2B, d_in)
+    opened = served.open_blocks(x)
+    assert opened[:B, 0].all() and not opened[:B, 1].any()
+    assert opened[B:, 1].all() and not opened[B:, 0].any()
+    write = served.write("m", x, opened)
+    torch.testing.assert_close(write, torch.cat([r1.T, r2.T]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_fingerprint_covers_factors_keys_projection_and_threshold():
+    g = torch.Generator().manual_seed(2)
+    keys, res = torch.randn(D_IN, B, generator=g), torch.randn(D_OUT, B, generator=g)
+    block = exact_block(1, keys, res)
+    base = GatedMemory((block,)).fingerprint()
+    assert GatedMemory((exact_block(1, keys, res),)).fingerprint() == base
+    changed = [
+        Block(1, {"m": (res + 1e-6, block.layers["m"][1])}, block.gate),
+        Block(1, block.layers, Gate("m", 0.91, block.gate.projection, block.gate.keys)),
+        Block(1, block.layers, Gate("m", 0.9, block.gate.projection * 2, block.gate.keys)),
+        Block(2, block.layers, block.gate),
+    ]
+    assert len({GatedMemory((b,)).fingerprint() for b in changed} | {base}) == 5
+
+
+def test_the_projection_whitens_the_leading_directions():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64)
+    c0 = a @ a.T / D_IN
+    p = gate_projection(c0, 8).double()  # (d_in, 8)
+    torch.testing.assert_close(p.T @ c0 @ p, torch.eye(8, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+# -- on a model ---------------------------------------------------------------------------------
+
+EDITED = [1, 2]
+
+
+def tiny_handle(seed: int = 0) -> ModelHandle:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return ModelHandle(model=model, tokenizer=None)
+
+
+def inputs_at(handle: ModelHandle, module: str, ids: torch.Tensor) -> torch.Tensor:
+    seen = {}
+
+    def keep(_m, args, _o) -> None:
+        seen["x"] = args[0].detach().clone()
+
+    hook = handle.model.get_submodule(module).register_forward_hook(keep)
+    try:
+        handle.model(input_ids=ids)
+    finally:
+        hook.remove()
+    return seen["x"][0]  # (T, d_in)
+
+
+def gated_update(handle: ModelHandle, ids: torch.Tensor, position: int, seed: int) -> EditUpdate:
+    """A batch of one 'fact': its key is the gate module's input at `position` of `ids`."""
+    names = [handle.module_name(i) for i in EDITED]
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name in names:
+        w = handle.weight(name)
+        key = inputs_at(handle, name, ids)[position][:, None]  # (d_in, 1)
+        layers[name] = LayerUpdate(
+            left=torch.randn(w.shape[0], 1, generator=g),
+            right=(key / key.norm() ** 2).T.contiguous(),
+            keys=key,
+        )
+    gate_key = layers[names[0]].keys.T
+    projection = torch.eye(handle.weight(names[0]).shape[1])
+    gate = Gate(names[0], 0.95, projection, embed(gate_key, projection))
+    return EditUpdate(layers=layers, gate=gate)
+
+
+def facts(n: int) -> list[dict]:
+    return [{"id": f"fact-{n}", "subject": f"S{n}", "prompt": "{} is", "target_new": "x"}]
+
+
+def test_a_gated_version_changes_its_own_text_and_leaves_other_text_bit_for_bit(tmp_path):
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in EDITED]
+    edited_text = torch.tensor([[5, 9, 13, 17]])
+    other_text = torch.tensor([[40, 41, 42, 43, 44, 45]])
+    base_logits = {
+        k: handle.model(input_ids=t).logits.clone()
+        for k, t in (("edited", edited_text), ("other", other_text))
+    }
+    base_sha = {n: tensor_sha256(handle.weight(n)) for n in names}
+    model = VersionedModel.open(handle, tmp_path / "store", modules=names)
+    try:
+        v1 = model.apply(gated_update(handle, edited_text, 1, seed=1), facts(1)).version
+        assert v1.gate is not None and MEMORY_SHA256 in v1.sha256
+        # The base weights are untouched; the memory is what changed.
+        assert {n: v1.sha256[n] for n in names} == base_sha
+        assert model.served_sha256() == v1.sha256
+        after = handle.model(input_ids=edited_text).logits
+        assert not torch.equal(after, base_logits["edited"])
+        assert torch.equal(after[:, :1], base_logits["edited"][:, :1])  # before the key
+        assert torch.equal(handle.model(input_ids=other_text).logits, base_logits["other"])
+        assert handle.gate_counter.snapshot().fired >= 1
+
+        v2 = model.apply(gated_update(handle, other_text, 3, seed=2), facts(2)).version
+        assert v2.sha256[MEMORY_SHA256] != v1.sha256[MEMORY_SHA256]
+        model.rollback(1, "test")
+        assert model.served_sha256() == v1.sha256
+        assert torch.equal(handle.model(input_ids=other_text).logits, base_logits["other"])
+        model.rollback(0, "test")
+        assert model.served_sha256() == base_sha
+        assert torch.equal(handle.model(input_ids=edited_text).logits, base_logits["edited"])
+        v3 = model.apply(gated_update(handle, edited_text, 2, seed=3), facts(3)).version
+    finally:
+        model.close()
+
+    # A restart serves version 3 again, checked against its manifest.
+    fresh = tiny_handle()
+    reopened = VersionedModel.open(fresh, tmp_path / "store", modules=names)
+    try:
+        assert reopened.current == v3.version
+        assert reopened.served_sha256() == v3.sha256
+    finally:
+        reopened.close()
+
+
+def test_a_replica_rebuilds_the_same_gated_memory_from_the_update_log(tmp_path):
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in EDITED]
+    text = torch.tensor([[5, 9, 13, 17]])
+    editor = VersionedModel.open(handle, tmp_path / "editor", modules=names)
+    replica_handle = tiny_handle()
+    replica = VersionedModel.open(replica_handle, tmp_path / "replica", modules=names)
+    try:
+        editor.apply(gated_update(handle, text, 1, seed=1), facts(1))
+        editor.apply(gated_update(handle, text, 3, seed=2), facts(2))
+        source = UpdateLogSource(editor.store)
+        for v in (1, 2):
+            record, factors, base = decode_version(source.version_payload(v))
+            assert replica.ingest(record, factors, base)
+        from editd.store.wire import decode_current
+
+        replica.follow(decode_current(source.current_payload(2, None)))
+        assert replica.served_sha256() == editor.served_sha256()
+        assert torch.equal(
+            replica_handle.model(input_ids=text).logits, handle.model(input_ids=text).logits
+        )
+    finally:
+        editor.close()
+        replica.close()
+
+
+def test_one_lineage_serves_one_form(tmp_path):
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in EDITED]
+    text = torch.tensor([[5, 9, 13, 17]])
+    store = EditStore(tmp_path / "s")
+    store.open_or_create({n: handle.weight(n).detach().clone() for n in names})
+    try:
+        gated = gated_update(handle, text, 1, seed=1)
+        store.commit(gated, facts(1), {})
+        plain = EditUpdate(layers=gated.layers)
+        with pytest.raises(StoreMismatch, match="gated memory"):
+            store.commit(plain, facts(2), {})
+        with pytest.raises(StoreError, match="gated memory"):
+            store.factors()
+        # The weights of a gated store are the base: nothing accumulates in them.
+        assert store.deltas() == {}
+        assert store.verify() == []
+    finally:
+        store.close()
