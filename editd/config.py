@@ -112,6 +112,7 @@ class ModelSettings(Section):
 Algo = Literal["memit", "emmet", "alphaedit"]
 Site = Literal["subject_last", "prompt_last"]
 Split = Literal["joint", "even"]
+Memory = Literal["weights", "gated"]
 ALGOS: tuple[str, ...] = get_args(Algo)
 SITES: tuple[str, ...] = get_args(Site)
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -123,6 +124,25 @@ class EditingSettings(Section):
     its directory, e.g. the built-in model's), then the engine's defaults."""
 
     algo: Algo = "emmet"
+    memory: Memory = Field(
+        "weights",
+        description="How a version's edits are served: added to the weights (every token sees "
+        "every edit), or through a gated memory that adds a batch's update only at tokens "
+        "whose key matches one of its facts (the base weights stay untouched). Fixed per data "
+        "dir. Empty: the model's profile, else weights.",
+    )
+    gate_threshold: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Gated memory: the similarity (cosine of whitened keys) at which a fact's "
+        "gate opens. Empty: the model's profile, else 0.6.",
+    )
+    gate_rank: int = Field(
+        256,
+        gt=0,
+        description="Gated memory: C0's leading eigen-directions the gate compares keys in.",
+    )
     layers: list[int] | None = Field(
         None, description="Edited layers; empty picks the early-middle MLPs of the model."
     )

@@ -68,8 +68,23 @@ def check_base(store: EditStore, model_dir: Path) -> None:
         raise ExportError(f"{model_dir} lacks the edited tensors {sorted(set(expected) - seen)}")
 
 
+def refuse_gated(store: EditStore, version: int) -> None:
+    """A gated version cannot be written as plain weights and stay what editd serves."""
+    gated = [v for v in store.lineage(version)[1:] if store.version(v).gate is not None]
+    if gated:
+        raise ExportError(
+            f"version {version} is served through a gated memory (editing.memory: gated): "
+            "each batch's update acts only at tokens whose key matches one of its facts, and "
+            "neither a plain checkpoint nor a LoRA adapter can gate. Merged into the weights "
+            "every edit would act on every token, which is the plain-weight form that the gate "
+            "exists to avoid (see the README's 'Served forms'). Serve it with editd (replicas "
+            "follow the update log), or edit with editing.memory: weights to export"
+        )
+
+
 def export_hf(store: EditStore, model_dir: Path, version: int, out: Path) -> dict[str, Any]:
     """Write the full checkpoint of `version` to `out` (created whole, or not at all)."""
+    refuse_gated(store, version)
     check_base(store, model_dir)
     served = store.served(version)
     expected = store.expected_sha256(version)
@@ -158,6 +173,7 @@ def export_peft(
     max_rank: int | None = None,
 ) -> dict[str, Any]:
     """Write a PEFT LoRA adapter whose update is `version`'s; see the module docstring."""
+    refuse_gated(store, version)
     check_base(store, model_dir)
     factors, errors = lora_factors(store, version, max_rank)
     if not factors:

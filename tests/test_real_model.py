@@ -79,3 +79,34 @@ def test_one_edit_changes_the_served_answer_and_nothing_else_it_was_asked(
     finally:
         handle.reset()
     assert _greedy(handle, DARRIEUX.rendered_prompt).startswith(" French")
+
+
+def test_a_gated_fact_is_served_and_a_prompt_about_something_else_is_untouched(
+    handle: ModelHandle, shared_data: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from editd.config import EditingSettings
+    from editd.editing.editor import Editor, EditorConfig
+    from editd.editing.stats import Corpus
+    from editd.versions import VersionedModel
+
+    config = EditorConfig.from_settings(
+        EditingSettings(stats_tokens=4096, memory="gated"), handle.path
+    )
+    corpus = Corpus.from_path(shared_data / "wikitext-2" / "valid.txt")
+    editor = Editor(handle, config, corpus=corpus, cache_dir=tmp_path, progress=False)
+    other = "The capital of France is"
+    ids = handle.tokenizer(other, return_tensors="pt")
+    with torch.no_grad():
+        before = handle.model(**ids).logits.clone()
+    with VersionedModel.temporary(handle, editor) as model:
+        with model.changing():
+            applied = model.apply(editor.compute_update([DARRIEUX]), [DARRIEUX])
+        assert applied.version.gate is not None
+        assert _greedy(handle, DARRIEUX.rendered_prompt).startswith(" English")
+        # The gate stays shut on a text that never reads the edited subject: the base
+        # model's logits, bit for bit.
+        with torch.no_grad():
+            assert torch.equal(handle.model(**ids).logits, before)
+        assert _greedy(handle, other).startswith(" Paris")

@@ -83,10 +83,22 @@ def measure(
         m, tok = handle.model, handle.tokenizer
         applied = score_facts(m, tok, sample) if sample else None
         probe_scores = score_facts(m, tok, probe)
+        counter = getattr(handle, "gate_counter", None)
+        mine = counter.mine() if counter is not None else None
+        seen = (mine.tokens, mine.fired) if mine is not None else (0, 0)
         canary_score = (
             canary_accuracy(m, tok, list(canary.prompts), list(canary.objects)) if canary else None
         )
-    return Measurement(version=version, applied=applied, probe=probe_scores, canary=canary_score)
+        gated = getattr(handle, "memory", None) is not None
+        tokens = mine.tokens - seen[0] if mine is not None else 0
+        fires = (mine.fired - seen[1]) / tokens if gated and mine is not None and tokens else None
+    return Measurement(
+        version=version,
+        applied=applied,
+        probe=probe_scores,
+        canary=canary_score,
+        gate_fires=fires,
+    )
 
 
 class EditService(Serving):
@@ -134,6 +146,7 @@ class EditService(Serving):
             # Under the model's write lock, with the swap itself: the gauge moves with the
             # weights, and the update-log publisher wakes (it reads the durable store).
             metrics.model_version.set(version)
+            self.gauge_memory()
             self.updates.notify()
 
         model.on_change = changed
@@ -278,7 +291,9 @@ class EditService(Serving):
                     self._editing = {"facts": len(facts), "since": time.time()}
                     self._apply_locked(facts, offsets)
                     every = self.editor.config.consolidate_every
-                    if every and self.model.facts_since_consolidation() >= every:
+                    # A gated memory has no accumulated leak to return (Editor.consolidate).
+                    due = every and not self.editor.gated
+                    if due and self.model.facts_since_consolidation() >= every:
                         self._consolidate_locked("schedule")
         except FatalError as exc:
             self.on_fatal(exc)
@@ -342,6 +357,11 @@ class EditService(Serving):
         """An operator's consolidation (API or CLI through the API)."""
         try:
             with self.model.changing(timeout=0.5):
+                if self.editor.gated:
+                    raise Conflict(
+                        "this model serves its edits through a gated memory "
+                        "(editing.memory: gated), which is never consolidated"
+                    )
                 if not self.model.applied_fact_ids():
                     raise Conflict("no live facts to consolidate")
                 result = self._consolidate_locked("operator")

@@ -49,6 +49,7 @@ from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
 from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate, LayerUpdate
+from editd.memory import FORMS, Gate, embed, gate_projection
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ SPLITS = config.SPLITS
 @dataclass(frozen=True)
 class EditorConfig:
     algo: str = "emmet"
+    # "weights": updates add to the weights; "gated": each batch is a block of a gated memory
+    # (editd.memory), opened where a layer-input matches one of its facts' keys.
+    memory: str = "weights"
+    gate_threshold: float = 0.6
+    gate_rank: int = 256
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
     site: str = "subject_last"  # where keys are read and δ is added (subject.render)
     # How the residual is split over layers: "joint" (solvers.layer_share) or MEMIT's "even".
@@ -96,6 +102,8 @@ class EditorConfig:
             raise ValueError(f"unknown edit site {self.site!r}; choose from {SITES}")
         if self.split not in SPLITS:
             raise ValueError(f"unknown layer split {self.split!r}; choose from {SPLITS}")
+        if self.memory not in FORMS:
+            raise ValueError(f"unknown memory {self.memory!r}; choose from {FORMS}")
 
     @classmethod
     def from_settings(cls, settings: Any, model_dir: str | Path | None = None) -> EditorConfig:
@@ -116,6 +124,9 @@ class EditorConfig:
         prefixes = merged.key_prefixes
         return cls(
             algo=merged.algo,
+            memory=merged.memory,
+            gate_threshold=merged.gate_threshold,
+            gate_rank=merged.gate_rank,
             layers=tuple(merged.layers) if merged.layers else None,
             site=merged.site,
             split=merged.layer_split,
@@ -215,6 +226,8 @@ class Editor:
         if self.config.algo == "emmet":
             self._solve = functools.partial(solve_emmet, eps=self.config.emmet_eps)
         self.preservation: dict[str, Preservation] = {}
+        # The gated memory's projection (editd.memory.gate_projection of the gate module's C0).
+        self._projection: torch.Tensor | None = None
         # Keys of the live versions, kept until C0 exists to build preservation on.
         self._pending_keys: list[Mapping[str, torch.Tensor]] | None = None
         self._prepare_lock = threading.Lock()
@@ -242,6 +255,8 @@ class Editor:
         c0s = self.second_moments()
         device = self.handle.device
         cfg = self.config
+        if cfg.memory == "gated":
+            self._projection = gate_projection(c0s[self.modules[0]], cfg.gate_rank)
         for name, c0 in c0s.items():
             if cfg.algo == "alphaedit":
                 pres = Preservation.null_space(
@@ -388,7 +403,25 @@ class Editor:
             diagnostics["post_top1"],
             timings["total"],
         )
-        return EditUpdate(layers=updates, diagnostics=diagnostics)
+        return EditUpdate(layers=updates, diagnostics=diagnostics, gate=self._gate(updates))
+
+    @property
+    def gated(self) -> bool:
+        return self.config.memory == "gated"
+
+    def _gate(self, updates: Mapping[str, LayerUpdate]) -> Gate | None:
+        """The batch's gate when it is served through a gated memory: its facts' keys at the
+        first edited layer, embedded for comparison with each token's input there."""
+        if not self.gated:
+            return None
+        assert self._projection is not None  # set by prepare()
+        keys = updates[self.modules[0]].keys.T  # (b, d_in)
+        return Gate(
+            module=self.modules[0],
+            threshold=self.config.gate_threshold,
+            projection=self._projection,
+            keys=embed(keys, self._projection).cpu(),
+        )
 
     def _refuse_oversized(
         self,
@@ -439,6 +472,11 @@ class Editor:
         product, `LayerUpdate.replaces`): no facts, no new keys, rank n + anchors per module, or
         the dense product where that is smaller. The model is read, not written.
         """
+        if self.gated:
+            raise ValueError(
+                "a gated memory is not consolidated: its blocks do not add up in the weights, "
+                "so there is no accumulated leak for a joint re-solve to return"
+            )
         self.prepare()
         with self.handle.reading():
             anchors = read_anchors(self.handle, self.modules)
@@ -475,7 +513,15 @@ class Editor:
         )
 
     def commit(self, update: EditUpdate) -> None:
-        """The daemon applied `update`: preserve its keys in later batches."""
+        """The daemon applied `update`: preserve its keys in later batches.
+
+        A gated memory preserves nothing beyond λC0: a later batch's block opens only where
+        its own facts' keys are read, so it cannot leak into an earlier fact's prompts, and
+        where it does open on an earlier fact (the same subject again) its residual was
+        computed with the earlier block open, so it writes only the difference.
+        """
+        if self.gated:
+            return
         for name, layer in update.layers.items():
             self.preservation[name].add(layer.keys, self.config.preserve_weight)
 
@@ -485,7 +531,7 @@ class Editor:
         Before C0 exists the keys are kept and applied once it does, so a restart serves at
         once and only the first edit waits for C0.
         """
-        versions = list(keys_per_version)
+        versions = [] if self.gated else list(keys_per_version)
         with self._prepare_lock:
             if not self.preservation:
                 self._pending_keys = versions
