@@ -4,7 +4,7 @@
 # and each method continues from its edit store. Usage:
 #   scripts/lifelong.sh EDITS [METHOD...]
 # METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
-# emmet-ridge, emmet-wide-ridge, emmet-seven.
+# emmet-ridge, emmet-wide-ridge, emmet-seven, gated, gated-exact.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 # CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
 # its runs are named METHOD-cN-EDITS, or METHOD-cNeE-EDITS with the re-solve's ε set by
@@ -55,6 +55,14 @@ for method in ${methods[@]}; do
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__NORM_WEIGHT=${RIDGE:-1.0}
       "EDITD_EDITING__LAYERS=$wide")
+  elif [ "$method" = gated ]; then
+    # The gated edit memory (editing.memory: gated) with the profile's EMMET: each batch's
+    # update acts only where one of its facts' keys is read.
+    algo=emmet
+    env=(EDITD_EDITING__MEMORY=gated)
+  elif [ "$method" = gated-exact ]; then
+    algo=emmet
+    env=(EDITD_EDITING__MEMORY=gated EDITD_EDITING__EMMET_EPS=0)
   elif [ "$method" = emmet-mpes-wide ]; then
     algo=emmet
     env=(EDITD_EDITING__EMMET_EPS=0.1 EDITD_EDITING__TARGET_STOP_PROB=0

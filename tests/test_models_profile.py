@@ -50,3 +50,8 @@ def test_profile_writes_the_best_grid_point_with_its_evidence(
     for row in grid:
         # A window whose update would wreck the model is kept as a refused candidate.
         assert 0 <= row["objective"] <= 1 and ("refused" in row or 0 <= row["canary_ratio"] <= 1)
+    # The gated memory's threshold was measured, on facts neither the trace nor the grid saw.
+    gate = profile["evidence"]["gate"]
+    assert profile["editing"]["gate_threshold"] in [r["threshold"] for r in gate["separation"]]
+    for row in gate["separation"]:
+        assert 0 <= row["text_fires"] <= 1 and row["facts"] > 0 and row["text_tokens"] > 0

@@ -65,15 +65,28 @@ def measure(handle: ModelHandle, work: Workload, edited: Sequence[FactUpdate]) -
     sample = spread(edited, CURVE_SAMPLE)
     s = summarize(score(handle, sample)) if sample else None
     srv = served(handle, sample) if sample else {}
+    mine = handle.gate_counter.mine()
+    before = (mine.tokens, mine.fired)
+    canary_score = canary(handle, work.canary_prompts, work.canary_objects)
+    on_canary = (mine.tokens - before[0], mine.fired - before[1])
+    before = (mine.tokens, mine.fired)
+    ppl = perplexity(handle, work.texts[:CURVE_TEXTS])
+    on_text = (mine.tokens - before[0], mine.fired - before[1])
+    memory = handle.memory
     return {
         "es": s.es if s else None,
         "ps": s.ps if s else None,
         "ns": s.ns if s else None,
         "served_es": srv.get("es"),
-        "canary": canary(handle, work.canary_prompts, work.canary_objects),
-        "perplexity": perplexity(handle, work.texts[:CURVE_TEXTS]),
+        "served_ps": srv.get("ps"),
+        "canary": canary_score,
+        "perplexity": ppl,
         "known_kept": known_kept(handle, work.known),
         "sample": len(sample),
+        # Share of tokens at which some gated block opened (None: nothing is gated).
+        "gate_fires_canary": on_canary[1] / on_canary[0] if memory and on_canary[0] else None,
+        "gate_fires_text": on_text[1] / on_text[0] if memory and on_text[0] else None,
+        "memory_bytes": memory.bytes() if memory else None,
     }
 
 

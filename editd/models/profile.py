@@ -45,6 +45,8 @@ DEFAULT_LAMBDAS = (15_000.0,)
 # ‖δ‖ / ‖h‖ allowed to target optimisation: the engine's 4 and MEMIT's GPT-J 0.75. On SmolLM2
 # (one batch of 32, EMMET) 0.75 kept 62 of 64 known facts against 58 at 4, ES 1.00 both.
 DEFAULT_CLAMPS = (4.0, 0.75)
+GATE_FACTS = 120
+GATE_THRESHOLDS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
 def candidate_windows(
@@ -81,8 +83,10 @@ def profile_model(
     from editd.bench.edit import apply_sequentially, canary, make_editor, prefers_true, score
     from editd.editing.causal import causal_trace
     from editd.editing.editor import UnrealisedUpdate
+    from editd.editing.gate import MAX_TEXT_FIRES, choose_threshold, measure_separation
     from editd.editing.model import ModelHandle
     from editd.editing.scoring import canary_pairs, harmonic_mean, summarize
+    from editd.memory import gate_projection
     from editd.monitoring.canary import canary_prompts
     from editd.versions import VersionedModel
 
@@ -165,6 +169,26 @@ def profile_model(
     if all("refused" in r for r in grid):
         raise UnrealisedUpdate(f"every grid point was refused; the last: {grid[-1]['refused']}")
     best = max(grid, key=lambda r: r["objective"])
+    # The gated memory's threshold, on facts neither the trace nor the grid saw, against the
+    # canary's prompts as text about nothing edited.
+    seen = {f.subject for f in [*candidates, *batch]}
+    unseen = len({f.subject for f in pool} - seen)
+    gate_facts = draw(pool, min(GATE_FACTS, unseen), seed + 2, exclude_subjects=seen)
+    best_settings = settings.model_copy(
+        update={"editing": settings.editing.model_copy(update={"layers": best["layers"]})}
+    )
+    gate_editor = make_editor(handle, best_settings, algo)
+    gate_module = gate_editor.modules[0]
+    c0 = gate_editor.second_moments()[gate_module]
+    separation = measure_separation(
+        handle,
+        gate_facts,
+        prompts,
+        gate_module,
+        gate_projection(c0, gate_editor.config.gate_rank),
+        GATE_THRESHOLDS,
+    )
+    gate = choose_threshold(separation)
     digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()[:16]
     return {
         "editing": {
@@ -172,6 +196,7 @@ def profile_model(
             "layers": best["layers"],
             "mom2_weight": best["mom2_weight"],
             "clamp_norm_factor": best["clamp_norm_factor"],
+            "gate_threshold": gate.threshold,
         },
         "evidence": {
             "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
@@ -184,6 +209,13 @@ def profile_model(
             "canary_prompts": len(prompts),
             "trace": {**asdict(trace), "seconds": trace_seconds},
             "grid": grid,
+            "gate": {
+                "module": gate_module,
+                "rank": gate_editor.config.gate_rank,
+                "rule": "most paraphrases opened net of neighbour prompts, among thresholds "
+                f"opening on at most {MAX_TEXT_FIRES:g} of the canary's tokens",
+                "separation": [asdict(r) for r in separation],
+            },
         },
     }
 
