@@ -214,7 +214,12 @@ class ReplicaService(Serving):
     def __init__(self, settings: Settings, model: VersionedModel, metrics: Metrics) -> None:
         super().__init__(settings, model, metrics)
         self.follower: Follower | None = None
-        model.on_change = metrics.model_version.set
+
+        def changed(version: int) -> None:
+            metrics.model_version.set(version)
+            self.gauge_memory()
+
+        model.on_change = changed
         metrics.model_version.set(model.current)
 
     def is_ready(self) -> bool:

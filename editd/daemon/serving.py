@@ -27,6 +27,18 @@ class Serving:
         self._fatal: FatalError | None = None
         self.generator = Generator(self.handle, self.current_version)
         self._capacity_version: int | None = None
+        self.handle.gate_counter.listener = self._count_gate
+        self.gauge_memory()
+
+    def _count_gate(self, tokens: int, fired: int) -> None:
+        self.metrics.gate_tokens.inc(tokens)
+        self.metrics.gate_fired_tokens.inc(fired)
+
+    def gauge_memory(self) -> None:
+        """The served gated memory's size; called with every version change."""
+        memory = self.handle.memory
+        self.metrics.gate_memory_facts.set(memory.facts if memory is not None else 0)
+        self.metrics.gate_memory_bytes.set(memory.bytes() if memory is not None else 0)
 
     @property
     def model_name(self) -> str:

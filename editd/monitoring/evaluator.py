@@ -455,6 +455,7 @@ class Evaluator(Generic[F]):
         metrics.set_scores("probe", m.probe, baseline.probe if baseline is not None else None)
         if m.canary is not None:
             metrics.set_canary(m.canary, baseline.canary if baseline is not None else None)
+        metrics.gate_canary_fire_ratio.set(m.gate_fires if m.gate_fires is not None else 0.0)
         metrics.evaluated_version.set(m.version)
         metrics.evaluation_seconds.observe(evaluation.seconds)
         metrics.last_evaluation_timestamp_seconds.set(evaluation.finished_at)

@@ -301,6 +301,40 @@ class Metrics:
             registry=r,
         )
 
+        # The gated memory (editing.memory: gated): how often its gates open is the new
+        # capacity signal, since its writes act only where they open.
+        self.gate_canary_fire_ratio = Gauge(
+            "gate_canary_fire_ratio",
+            "Share of the canary's tokens at which the gated memory opened a block, at the "
+            "last evaluation (0 when the weight form is served).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.gate_tokens = Counter(
+            "gate_tokens",
+            "Tokens the gated memory's gate read (requests, evaluations and edits).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.gate_fired_tokens = Counter(
+            "gate_fired_tokens",
+            "Tokens at which the gated memory opened at least one block.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.gate_memory_facts = Gauge(
+            "gate_memory_facts",
+            "Facts the served gated memory holds (0 for the weight form).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.gate_memory_bytes = Gauge(
+            "gate_memory_bytes",
+            "Bytes of tensors the served gated memory holds.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
         # Labelled series appear only once touched; create the fixed ones now so dashboards and
         # alerts see a 0 instead of "no data" before the first edit or evaluation.
         for stage in STAGES:

@@ -78,6 +78,9 @@ class Measurement:
     applied: ScoreSet | None  # None while no fact has been applied (version 0)
     probe: ScoreSet
     canary: float | None = None
+    # Share of the canary's tokens at which a gated memory opened some block (None: no gated
+    # memory is served): what the gate leaks into text about nothing edited.
+    gate_fires: float | None = None
 
 
 @dataclass(frozen=True)
