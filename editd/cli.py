@@ -215,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... (default: model.device, auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true")
+    p = command(
+        "gate", "editd.bench.gate:main", "Serving latency through a gated memory of N facts.", bsub
+    )
+    p.add_argument("--model", type=Path, help="Directory or name (default: the daemon's).")
+    p.add_argument("--facts", default="0,1000,10000", help="Stored facts, comma-separated.")
+    p.add_argument("--block", type=int, default=100, help="Facts per block (the batch size).")
+    p.add_argument("--tokens", type=int, default=32, help="Tokens per completion.")
+    p.add_argument("--rounds", type=int, default=3, help="Passes over the prompts per N.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="JSON lines (the only output).")
     p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--model", type=Path)

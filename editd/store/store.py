@@ -37,6 +37,7 @@ Nothing is ever unpickled: tensors are safetensors, metadata is JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -135,6 +136,7 @@ class EditStore:
         self._delta_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         # The gated memory of one version (normally the head), for the same reason.
         self._memory_cache: tuple[int, GatedMemory] | None = None
+        self._projections: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ paths
 
@@ -896,7 +898,20 @@ class EditStore:
                 )
         else:
             new = previous
-            memory = GatedMemory((*memory.blocks, _block_of(version, tensors, modules, gate)))
+            block = _block_of(version, tensors, modules, gate)
+            same = next(
+                (
+                    b.gate.projection
+                    for b in memory.blocks
+                    if b.gate.projection.shape == block.gate.projection.shape
+                    and torch.equal(b.gate.projection, block.gate.projection)
+                ),
+                None,
+            )
+            if same is not None:
+                gate_same = dataclasses.replace(block.gate, projection=same)
+                block = dataclasses.replace(block, gate=gate_same)
+            memory = GatedMemory((*memory.blocks, block))
         return new, memory, self._served_sha256(new, memory)
 
     def _served_sha256(
@@ -915,6 +930,9 @@ class EditStore:
     def _block(self, version: int) -> Block:
         update = self._read_update(version, parts=("left", "right", *_GATE_PARTS))
         tensors = {f"{n}.{p}": t for p, by in update.items() for n, t in by.items()}
+        # Every version of a store normally carries the same projection: keep one copy.
+        digest = tensor_sha256(tensors[PROJECTION])
+        tensors[PROJECTION] = self._projections.setdefault(digest, tensors[PROJECTION])
         m = self._manifests[version]
         assert m.gate is not None
         return _block_of(version, tensors, m.modules, m.gate)
