@@ -252,6 +252,7 @@ class ReplicaService(Serving):
             "model": self.model_name,
             "role": "replica",
             "version": self.model.current,
+            "memory": self.memory_status(),
             "ready": self.is_ready(),
             "fatal": str(self._fatal) if self._fatal else None,
             "served_sha256": self.model.served_sha256(),

@@ -246,6 +246,7 @@ class EditService(Serving):
             "last_rollback": self._last_rollback,
             # What is served right now, to compare with the store's manifests (exact rollback).
             "served_sha256": self.model.served_sha256(),
+            "memory": {**self.memory_status(), "form": self.editor.config.memory},
             "stats": dict(self._stats),
             "checks": {
                 check: {"on": check not in self.checks_off, "why": self.checks_off.get(check)}

@@ -34,6 +34,18 @@ class Serving:
         self.metrics.gate_tokens.inc(tokens)
         self.metrics.gate_fired_tokens.inc(fired)
 
+    def memory_status(self) -> dict[str, Any]:
+        """How the served version's edits are served (editing.memory) and what that holds."""
+        memory = self.handle.memory
+        seen = self.handle.gate_counter.snapshot()
+        return {
+            "form": "gated" if memory is not None else "weights",
+            "facts": memory.facts if memory is not None else None,
+            "bytes": memory.bytes() if memory is not None else None,
+            "gate_tokens": seen.tokens,
+            "gate_fired_tokens": seen.fired,
+        }
+
     def gauge_memory(self) -> None:
         """The served gated memory's size; called with every version change."""
         memory = self.handle.memory
