@@ -72,13 +72,10 @@ class EditorConfig:
     null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
     preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
     # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate);
-    # None: no limit.
-    # Healthy batches of 100 on SmolLM2 moved layers 4-8 by 0.07-0.32 of their norm; over
-    # layers 3-12 one batch moved them by 1.0-31.7 and left the model answering nothing. The
-    # engine's limit only catches such wrecks (the tests' random 64-wide Llama moves by 3.4
-    # on an ordinary edit); a profile sets a model's own (SmolLM2's: 2.0, room for a batch
-    # of 1,024).
-    max_update_ratio: float | None = 10.0
+    # None: no limit. What a healthy batch moves differs between models by more than any one
+    # limit allows (README, "Editing settings"), so only a model's profile sets one, measured
+    # on that model.
+    max_update_ratio: float | None = None
     # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
     # runs them; the editor only solves.
     consolidate_every: int | None = None
@@ -124,7 +121,7 @@ class EditorConfig:
             emmet_eps=merged.emmet_eps,
             norm_weight=merged.norm_weight,
             preserve_weight=merged.preserve_weight,
-            **({"max_update_ratio": merged.max_update_ratio} if merged.max_update_ratio else {}),
+            max_update_ratio=merged.max_update_ratio,
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
             consolidate_every=merged.consolidate_every,
