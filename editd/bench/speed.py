@@ -146,7 +146,7 @@ def run_speed(
     requests = make_requests(edits, seed)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    serve_prompts = [r.prompt.format(r.subject) for r in requests[:SERVE_PROMPTS]]
+    serve_prompts = [r.rendered_prompt for r in requests[:SERVE_PROMPTS]]
     serve_base = serve_ms_per_token(handle, serve_prompts, device)
     # A fresh cache: C0 of random weights is worth nothing later, and its cost is measured.
     # The handle has no checkpoint directory, so no model profile applies.
