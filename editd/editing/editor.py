@@ -73,8 +73,7 @@ class EditorConfig:
     preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
     # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate);
     # None: no limit. What a healthy batch moves differs between models by more than any one
-    # limit allows (README, "Editing settings"), so only a model's profile sets one, measured
-    # on that model.
+    # limit allows (docs/guard), so only a model's profile sets one, measured on that model.
     max_update_ratio: float | None = None
     # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
     # runs them; the editor only solves.
