@@ -7,6 +7,9 @@
 # then on the device machine, carrying .whl (timeout_s 600 leaves room for one rerun):
 #   scripts/device_speed.sh              # prints one JSON object per algorithm, and keeps
 #                                        # them in $OUT/speed.jsonl
+# The model has random weights, so the quality guards are off (each object says which, under
+# "guards_off"); every stage is timed, with the swap pause and per-token serving time.
+# Checked end to end on CPU with SHAPE=tiny DEVICE=cpu DTYPE=float32 EDITS=6 BATCH=3.
 # SHAPE, DEVICE, DTYPE, EDITS, BATCH, ALGOS and PYTHON override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -50,6 +50,7 @@ class EditRun:
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     batches: int = 0
     batch_seconds: list[float] = field(default_factory=list)  # compute, store, swap, preserve
+    swap_pauses: list[float] = field(default_factory=list)  # seconds readers waited, per batch
     target_prob: list[float] = field(default_factory=list)
     target_steps: list[float] = field(default_factory=list)
     post_top1: list[float] = field(default_factory=list)
@@ -123,6 +124,7 @@ def apply_sequentially(
         diag: dict[str, Any] = dict(update.diagnostics)
         applied = model.apply(update, batch, timings=diag.get("seconds", {}))
         run.batch_seconds.append(time.perf_counter() - began)
+        run.swap_pauses.append(applied.pause)
         seconds = {**diag.get("seconds", {}), **applied.seconds}
         for stage in STAGES:
             run.stages[stage] += float(seconds.get(stage, 0.0))

@@ -9,15 +9,25 @@ ids fit any Llama-3 vocabulary.
 
 Scores would mean nothing and are not reported. Random weights rarely meet the target
 optimisation's stopping rule, so targets run their full step budget: an upper bound on that
-stage (`target_steps_mean` says how many steps were taken).
+stage (`target_steps_mean` says how many steps were taken). For the same reason the quality
+guards are off (`GUARDS_OFF`, reported as `guards`): a random model cannot realise its
+targets, so a guard that judges an update by what it achieved would refuse every batch, and
+the benchmark would measure nothing. What the guard itself costs (the post-edit check) is
+still paid and timed (stage `check`).
+
+Serving cost is measured too: the time per token of one forward pass over a fixed batch of
+prompts, before the first edit and after the last. Edits are merged into the weights, so the
+stored facts should add nothing per token; the two numbers show it.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -55,6 +65,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Settings of the guards that refuse an update on a random-weight model, all switched off here.
+GUARDS_OFF = ("editing.max_update_ratio",)
+
+SERVE_PROMPTS = 16  # prompts in the serving-cost batch
+SERVE_REPEATS = 5  # forward passes timed; the median is reported
+
 
 def random_llama(shape: str, device: torch.device, dtype: torch.dtype, tokenizer: Any, seed: int):
     """A `LlamaForCausalLM` of `shape` with random weights, allocated on `device` in `dtype`."""
@@ -77,6 +93,24 @@ def random_llama(shape: str, device: torch.device, dtype: torch.dtype, tokenizer
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def serve_ms_per_token(handle: Any, prompts: list[str], device: torch.device) -> float:
+    """Median milliseconds per token of one forward pass over `prompts`, as a reader sees it
+    (after one untimed pass, which pays for allocation and kernel selection)."""
+    batch = handle.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    tokens = int(batch["attention_mask"].sum())
+    times = []
+    for _ in range(SERVE_REPEATS + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with handle.reading(), torch.no_grad():
+            handle.model(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:]) * 1000 / tokens
+
+
 def run_speed(
     settings: Settings,
     *,
@@ -88,7 +122,8 @@ def run_speed(
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from editd.bench.edit import apply_sequentially, make_editor, peak_rss_mb
+    from editd.bench.edit import apply_sequentially, peak_rss_mb
+    from editd.editing.editor import Editor, EditorConfig
     from editd.editing.model import ModelHandle, resolve_device, resolve_dtype
     from editd.editing.stats import default_budget
     from editd.models.corpus import builtin_world_corpus
@@ -109,15 +144,24 @@ def run_speed(
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
     requests = make_requests(edits, seed)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    serve_prompts = [r.rendered_prompt for r in requests[:SERVE_PROMPTS]]
+    serve_base = serve_ms_per_token(handle, serve_prompts, device)
     # A fresh cache: C0 of random weights is worth nothing later, and its cost is measured.
     # The handle has no checkpoint directory, so no model profile applies.
     with tempfile.TemporaryDirectory(prefix="editd-speed-") as cache:
         # Random weights have no text of their own; any fixed corpus measures C0's cost.
         corpus = builtin_world_corpus()
-        editor = make_editor(handle, settings, algo, cache_dir=cache, corpus=corpus)
+        editing = settings.editing.model_copy(update={"algo": algo})
+        config = replace(EditorConfig.from_settings(editing), max_update_ratio=None)
+        editor = Editor(
+            handle, config, corpus=corpus, cache_dir=cache, progress=sys.stderr.isatty()
+        )
         # The daemon's apply path on a throw-away store: commit, sha256, swap, preservation.
         with VersionedModel.temporary(handle, editor) as versioned:
             run = apply_sequentially(versioned, requests, batch_size)
+            serve_edited = serve_ms_per_token(handle, serve_prompts, device)
     d_in = handle.weight(editor.modules[0]).shape[1]
     return {
         "shape": shape,
@@ -135,7 +179,12 @@ def run_speed(
         "facts_per_second": edits / run.seconds if run.seconds > 0 else float("nan"),
         "batch_seconds": run.batch_seconds,
         "stage_seconds": dict(run.stages),
+        "swap_pause_seconds": run.swap_pauses,
         "target_steps_mean": run.target_steps_mean,
+        "guards": "off",
+        "guards_off": list(GUARDS_OFF),
+        "serve_ms_per_token": {"base": serve_base, "edited": serve_edited},
+        "serve_prompts": len(serve_prompts),
         "peak_device_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),

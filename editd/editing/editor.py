@@ -77,13 +77,10 @@ class EditorConfig:
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
     null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
     preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
-    # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate).
-    # Healthy batches of 100 on SmolLM2 moved layers 4-8 by 0.07-0.32 of their norm; over
-    # layers 3-12 one batch moved them by 1.0-31.7 and left the model answering nothing. The
-    # engine's limit only catches such wrecks (the tests' random 64-wide Llama moves by 3.4
-    # on an ordinary edit); a profile sets a model's own (SmolLM2's: 2.0, room for a batch
-    # of 1,024).
-    max_update_ratio: float = 10.0
+    # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate);
+    # None: no limit. What a healthy batch moves differs between models by more than any one
+    # limit allows (docs/guard), so only a model's profile sets one, measured on that model.
+    max_update_ratio: float | None = None
     # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
     # runs them; the editor only solves.
     consolidate_every: int | None = None
@@ -134,7 +131,7 @@ class EditorConfig:
             emmet_eps=merged.emmet_eps,
             norm_weight=merged.norm_weight,
             preserve_weight=merged.preserve_weight,
-            **({"max_update_ratio": merged.max_update_ratio} if merged.max_update_ratio else {}),
+            max_update_ratio=merged.max_update_ratio,
             **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
             stats_tokens=merged.stats_tokens,
             consolidate_every=merged.consolidate_every,
@@ -429,7 +426,8 @@ class Editor:
         per_layer: dict[str, dict[str, float]],
         post_top1: float,
     ) -> None:
-        """Refuse an update that would move a layer by more than `max_update_ratio` × its norm.
+        """Refuse an update that would move a layer by more than `max_update_ratio` × its norm
+        (when the model's profile or the settings set one; the ratios are recorded either way).
 
         The closed form trusts that a layer's write reaches the last edited layer unchanged.
         When it does not (layers far apart, a norm after the MLP), later layers are asked to
@@ -444,10 +442,11 @@ class Editor:
             per_layer[name]["update_ratio"] = ratio
             if ratio > worst:
                 worst_name, worst = name, ratio
-        if worst > self.config.max_update_ratio:
+        limit = self.config.max_update_ratio
+        if limit is not None and worst > limit:
             raise UnrealisedUpdate(
                 f"the update would move {worst_name} by {worst:.2f} × its norm (limit "
-                f"editing.max_update_ratio = {self.config.max_update_ratio:g}); after it, "
+                f"editing.max_update_ratio = {limit:g}); after it, "
                 f"{post_top1:.0%} of the batch's new objects were top-1. The edited layers "
                 f"{self.layers} are too far apart for their writes to add up, or C0 does not "
                 "describe this model: edit fewer, closer layers (editd model profile)"
