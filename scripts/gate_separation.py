@@ -32,12 +32,13 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=30, help="WikiText chunks of 200 words")
     ap.add_argument("--ranks", default="64,256,1536")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", type=Path, help="C0 text (default: the model's own)")
     args = ap.parse_args()
 
     handle = ModelHandle.load(args.model)
     module = handle.module_name(args.layer)
     cache = Path.home() / ".cache" / "editd"
-    corpus = stats_corpus(handle, configured=None, cache_dir=cache)
+    corpus = stats_corpus(handle, configured=args.corpus, cache_dir=cache)
     c0 = SecondMomentCache(cache).get(handle, [module], corpus)[module]
     facts = draw(split(load_dataset(args.dataset), "heldout"), args.records, args.seed)
     words = Path(args.text).read_text().split()
