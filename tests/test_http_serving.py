@@ -36,7 +36,7 @@ from editd.daemon import api as api_module
 from editd.daemon import client
 from editd.daemon.api import VERSION_HEADER, create_app
 from editd.daemon.errors import Conflict, FatalError, NotFound
-from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.daemon.generation import Completion, Generator, SamplingParams, Stream
 from editd.daemon.server import HttpServer
 from editd.editing.model import ModelHandle
 from editd.lowrank import EditUpdate, LayerUpdate
@@ -188,6 +188,12 @@ class Daemon:
         result = self.generator.complete(prompts, params)
         self.tokens.inc(result.completion_tokens)
         return result
+
+    def stream(self, prompts: list[Any], params: SamplingParams) -> Stream:
+        return self.generator.stream(prompts, params)
+
+    def stream_ended(self, stream: Stream) -> None:
+        self.tokens.inc(stream.completion_tokens)
 
     def versions(self) -> list[dict[str, Any]]:
         return self.model.versions()
@@ -464,9 +470,17 @@ def test_logprobs_and_stop_over_http(http: TestClient) -> None:
         ({"prompt": "hi", "max_tokens": 33}, 400, "max_tokens", "max_tokens_too_large"),
         ({"prompt": "word " * 39, "max_tokens": 32}, 400, "max_tokens", "context_length_exceeded"),
         ({"prompt": "hi", "temperature": 3}, 400, "temperature", "invalid_value"),
-        ({"prompt": "hi", "n": 2}, 400, "n", "invalid_value"),
-        ({"prompt": "hi", "stream": True}, 400, "stream", "invalid_value"),
-        ({"prompt": "hi", "best_of": 3}, 400, "best_of", "invalid_value"),
+        ({"prompt": "hi", "n": 33}, 400, "n", None),
+        ({"prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
+        ({"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported"),
+        ({"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported"),
+        ({"prompt": "hi", "presence_penalty": -1}, 400, "presence_penalty", "unsupported"),
+        ({"prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias", "unsupported"),
+        ({"prompt": "hi", "suffix": "end"}, 400, "suffix", "unsupported"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+        ({"prompt": [5, 100000]}, 400, "prompt", None),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+        ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate", "invalid_value"),
         ({"prompt": "hi", "logprobs": 21}, 400, "logprobs", "invalid_value"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
         ({"prompt": []}, 400, "prompt", None),
