@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +32,7 @@ from test_monitoring_evaluator import wait_for
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from editd.cli import main as cli_main
 from editd.config import ServeSettings, load_settings
 from editd.daemon import api as api_module
 from editd.daemon import client
@@ -641,7 +643,7 @@ def test_server_binds_before_serving_and_stops(daemon: Daemon, serve: ServeSetti
 
 
 def test_status_and_eval_commands(
-    daemon: Daemon, serve: ServeSettings, capsys: pytest.CaptureFixture[str]
+    daemon: Daemon, serve: ServeSettings, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     daemon.swap_to(0)
     with HttpServer.bind("127.0.0.1", 0) as server:
@@ -659,7 +661,15 @@ def test_status_and_eval_commands(
         assert json.loads(capsys.readouterr().out)["version"] == 0
         no_token = load_settings(serve={"port": server.port})
         assert client.evaluate(args, no_token) == 1
-        assert "HTTP 401" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "--data-dir" in err and "EDITD_SERVE__ADMIN_TOKEN" in err
+        # The daemon's generated token, found through --data-dir as a person would pass it.
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        (data_dir / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        command = ["eval", "--url", server.url, "--data-dir", str(data_dir), "--json"]
+        assert cli_main(command) == 0
+        assert json.loads(capsys.readouterr().out)["version"] == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
