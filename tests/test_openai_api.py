@@ -330,3 +330,31 @@ def test_health_version_tokenize_detokenize(server: HttpServer, daemon: PacedDae
         wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 503)
     finally:
         daemon.ready = True
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(daemon: PacedDaemon) -> None:
+    daemon.swap_to(0)
+    serve = ServeSettings(max_prompt_chars=200, max_tokens=40)
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stream": True}
+    with HttpServer.bind("127.0.0.1", 0) as server:
+        server.start(create_app(daemon, serve, max_pending=1))
+        daemon.gate = threading.Semaphore(0)
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # kept: dropping it would close the connection
+                next(lines)
+                busy = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT})
+                assert busy.status_code == 429  # the open stream holds the only slot
+            for _ in range(40):
+                daemon.gate.release()
+        finally:
+            daemon.gate = None
+        wait_for(
+            lambda: (
+                httpx.post(
+                    f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}
+                ).status_code
+                == 200
+            )
+        )

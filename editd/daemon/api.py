@@ -36,6 +36,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -341,7 +342,7 @@ def create_app(
                 headers={VERSION_HEADER: str(result.version)},
             )
         try:
-            stream = service.stream(prompts, params)
+            stream = await run_in_threadpool(service.stream, prompts, params)
             # The first step runs before the response starts, so its header can name the
             # version every chunk will be computed with.
             first = await loop.run_in_executor(executor, stream.first)
@@ -349,7 +350,11 @@ def create_app(
             admission.release()
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(stream, first, shape, service, executor, include_usage, admission.release)
+        ended = _Once(lambda: (admission.release(), service.stream_ended(stream)))
+        events = _events(stream, first, shape, service, executor, include_usage, ended)
+        # A client gone before the body starts means the generator never runs its `finally`;
+        # its collection then frees the slot.
+        weakref.finalize(events, ended)
         return StreamingResponse(
             events,
             media_type="text/event-stream",
@@ -772,7 +777,7 @@ async def _events(
     service: Service,
     executor: ThreadPoolExecutor,
     include_usage: bool,
-    release: Callable[[], None],
+    ended: Callable[[], Any],
 ) -> AsyncIterator[bytes]:
     """The stream as server-sent events; each step takes the read lock once (generation.py).
 
@@ -802,8 +807,7 @@ async def _events(
         }
         yield _sse({"error": error})
     finally:
-        release()
-        service.stream_ended(stream)
+        ended()
 
 
 def _error(
@@ -816,6 +820,18 @@ def _error(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Once:
+    """Calls `fn` the first time it is called; later calls do nothing."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn: Callable[[], Any] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 class _TooBusy(RecoverableError):
