@@ -269,10 +269,22 @@ def test_stop_cuts_text_and_logprobs_alike(client: openai.OpenAI) -> None:
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert stop not in "".join(cut.logprobs.tokens)
     assert cut.text.startswith("".join(cut.logprobs.tokens))
-    streamed = client.completions.create(
-        model="tiny-llama", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop], stream=True
+    streamed = list(
+        client.completions.create(
+            model="tiny-llama",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stop=[stop],
+            stream=True,
+            logprobs=1,
+        )
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.text
+    # Logprobs travel with the text their tokens end in, not all at the end.
+    with_logprobs = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert len(with_logprobs) > 1
+    assert [t for lp in with_logprobs for t in lp.tokens] == cut.logprobs.tokens
 
 
 def test_a_stream_names_one_version_and_never_holds_up_a_swap(
@@ -358,3 +370,18 @@ def test_a_client_leaving_mid_stream_frees_its_slot(daemon: PacedDaemon) -> None
                 == 200
             )
         )
+
+
+def test_an_echoed_stream_adds_up_to_the_whole_answer(daemon: PacedDaemon) -> None:
+    daemon.swap_to(0)
+    daemon.gate = None
+    params = SamplingParams(max_tokens=6, temperature=0, echo=True, logprobs=1, stop=("zz",))
+    whole = daemon.generator.complete([PROMPT], params).choices[0]
+    stream = daemon.generator.stream([PROMPT], params)
+    deltas = stream.first()
+    while not stream.done:
+        deltas += stream.step()
+    assert "".join(d.text for d in deltas) == whole.text
+    tokens = [t for d in deltas if d.logprobs for t in d.logprobs.tokens]
+    assert whole.logprobs is not None and tokens == whole.logprobs.tokens
+    assert [d.finish_reason for d in deltas if d.finish_reason] == [whole.finish_reason]

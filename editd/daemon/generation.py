@@ -543,7 +543,7 @@ class _Decoding:
         logprobs = None
         everything = self._all_logprobs()
         if everything is not None:
-            end = len(lead) + safe
+            end = len(self.prompt) + safe  # offsets count from the prompt's start
             ready = (
                 len(everything)
                 if self.done
