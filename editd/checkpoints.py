@@ -95,9 +95,24 @@ def rollback(args: argparse.Namespace, settings: Settings) -> int:
         print(f"editd: the daemon refused the rollback: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     else:
-        print(json.dumps(answer, indent=1))
+        if getattr(args, "json", False):
+            print(json.dumps(answer, indent=1))
+        else:
+            print(render_rollback(answer, client.url))
         return EXIT_OK
     return _rollback_stopped(args.version, reason, settings)
+
+
+def render_rollback(answer: dict[str, Any], url: str) -> str:
+    """The daemon's rollback answer for people: what is served now and what was undone."""
+    before, after = answer.get("from"), answer.get("to", answer.get("version"))
+    if before is None:
+        return f"the daemon at {url} serves version {after}"
+    if before == after:
+        return f"version {after} is already live on the daemon at {url}; nothing to roll back"
+    facts = answer.get("facts")
+    undone = "" if facts is None else f"; {facts} facts undone, sent to the rejected topic"
+    return f"the daemon at {url} rolled back from version {before} to {after}{undone}"
 
 
 def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:

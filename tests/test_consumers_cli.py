@@ -95,6 +95,36 @@ def test_publish_counterfact_array_to_the_embedded_address(
     assert keys == ["Player 0", "Player 1", "Player 2"]
 
 
+def test_publish_is_quiet_by_default_and_warns_on_an_empty_input(
+    broker: EmbeddedBroker, topic: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(NATIVE) + "\n", encoding="utf-8")
+    servers = ["--bootstrap-servers", broker.bootstrap_servers[0], "--topic", topic]
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "editd", "publish", *args, *servers],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    quiet = run(str(path))
+    assert quiet.returncode == 0, quiet.stderr
+    # The result, and no kafka-python connection log: that stays behind --log-level.
+    assert quiet.stderr.strip().splitlines()[-1] == (
+        f"published 1 facts to {topic} at {broker.bootstrap_servers[0]}; rejected 0 locally"
+    )
+    assert " kafka." not in quiet.stderr
+    chatty = run(str(path), "--log-level", "INFO")
+    assert chatty.returncode == 0 and " INFO kafka." in chatty.stderr
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    nothing = run(str(empty))
+    assert nothing.returncode == 1
+    assert "holds no records; nothing was published" in nothing.stderr
+
+
 def test_publish_to_no_broker_fails_cleanly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -197,10 +197,10 @@ def test_input_detection_json_lines_array_and_single_object() -> None:
     array = json.dumps([COUNTERFACT_CASE, {"requested_rewrite": {"subject": "x"}}, ZSRE_RECORD])
     loaded = load_facts(array, FactLimits())
     assert [f.fact_id for f in loaded.facts] == ["cf-0", loaded.facts[1].fact_id]
-    assert loaded.rejected[0].where == "record 1"
+    assert loaded.rejected[0].where == "record 2"  # the second element: 1-based, as lines are
     assert "requested_rewrite.prompt: missing" in loaded.rejected[0].reason
 
-    assert [w for w, _ in iter_records(json.dumps(NATIVE))] == ["record 0"]
+    assert [w for w, _ in iter_records(json.dumps(NATIVE))] == ["record 1"]
 
 
 def test_schema_is_strict_about_unknown_versions() -> None:

@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,12 +32,13 @@ from test_monitoring_evaluator import wait_for
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from editd.cli import main as cli_main
 from editd.config import ServeSettings, load_settings
 from editd.daemon import api as api_module
 from editd.daemon import client
 from editd.daemon.api import VERSION_HEADER, create_app
 from editd.daemon.errors import Conflict, FatalError, NotFound
-from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.daemon.generation import Completion, Generator, SamplingParams, Stream
 from editd.daemon.server import HttpServer
 from editd.editing.model import ModelHandle
 from editd.lowrank import EditUpdate, LayerUpdate
@@ -188,6 +190,12 @@ class Daemon:
         result = self.generator.complete(prompts, params)
         self.tokens.inc(result.completion_tokens)
         return result
+
+    def stream(self, prompts: list[Any], params: SamplingParams) -> Stream:
+        return self.generator.stream(prompts, params)
+
+    def stream_ended(self, stream: Stream) -> None:
+        self.tokens.inc(stream.completion_tokens)
 
     def versions(self) -> list[dict[str, Any]]:
         return self.model.versions()
@@ -464,9 +472,17 @@ def test_logprobs_and_stop_over_http(http: TestClient) -> None:
         ({"prompt": "hi", "max_tokens": 33}, 400, "max_tokens", "max_tokens_too_large"),
         ({"prompt": "word " * 39, "max_tokens": 32}, 400, "max_tokens", "context_length_exceeded"),
         ({"prompt": "hi", "temperature": 3}, 400, "temperature", "invalid_value"),
-        ({"prompt": "hi", "n": 2}, 400, "n", "invalid_value"),
-        ({"prompt": "hi", "stream": True}, 400, "stream", "invalid_value"),
-        ({"prompt": "hi", "best_of": 3}, 400, "best_of", "invalid_value"),
+        ({"prompt": "hi", "n": 33}, 400, "n", None),
+        ({"prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
+        ({"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported"),
+        ({"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported"),
+        ({"prompt": "hi", "presence_penalty": -1}, 400, "presence_penalty", "unsupported"),
+        ({"prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias", "unsupported"),
+        ({"prompt": "hi", "suffix": "end"}, 400, "suffix", "unsupported"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+        ({"prompt": [5, 100000]}, 400, "prompt", None),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+        ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate", "invalid_value"),
         ({"prompt": "hi", "logprobs": 21}, 400, "logprobs", "invalid_value"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
         ({"prompt": []}, 400, "prompt", None),
@@ -627,7 +643,7 @@ def test_server_binds_before_serving_and_stops(daemon: Daemon, serve: ServeSetti
 
 
 def test_status_and_eval_commands(
-    daemon: Daemon, serve: ServeSettings, capsys: pytest.CaptureFixture[str]
+    daemon: Daemon, serve: ServeSettings, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     daemon.swap_to(0)
     with HttpServer.bind("127.0.0.1", 0) as server:
@@ -645,7 +661,15 @@ def test_status_and_eval_commands(
         assert json.loads(capsys.readouterr().out)["version"] == 0
         no_token = load_settings(serve={"port": server.port})
         assert client.evaluate(args, no_token) == 1
-        assert "HTTP 401" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "--data-dir" in err and "EDITD_SERVE__ADMIN_TOKEN" in err
+        # The daemon's generated token, found through --data-dir as a person would pass it.
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        (data_dir / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        command = ["eval", "--url", server.url, "--data-dir", str(data_dir), "--json"]
+        assert cli_main(command) == 0
+        assert json.loads(capsys.readouterr().out)["version"] == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]

@@ -110,3 +110,52 @@ def test_a_gated_fact_is_served_and_a_prompt_about_something_else_is_untouched(
         with torch.no_grad():
             assert torch.equal(handle.model(**ids).logits, before)
         assert _greedy(handle, other).startswith(" Paris")
+
+
+def test_an_applied_fact_changes_the_chat_answer_of_the_served_model(
+    handle: ModelHandle, shared_data: Path, tmp_path: Path
+) -> None:
+    """SmolLM2-135M-Instruct through /v1/chat/completions, with the official openai client,
+    before and after the fact goes through `VersionedModel.apply` (the daemon's edit path)."""
+    import openai
+
+    from editd.config import EditingSettings, ServeSettings, load_settings
+    from editd.daemon.api import create_app
+    from editd.daemon.server import HttpServer
+    from editd.daemon.serving import Serving
+    from editd.editing.editor import Editor, EditorConfig
+    from editd.editing.stats import Corpus
+    from editd.monitoring.metrics import Metrics
+    from editd.versions import VersionedModel
+
+    class Served(Serving):
+        def is_ready(self) -> bool:
+            return True
+
+        def readiness(self) -> dict[str, str]:
+            return {"role": "editor"}
+
+    config = EditorConfig.from_settings(EditingSettings(stats_tokens=4096), handle.path)
+    corpus = Corpus.from_path(shared_data / "wikitext-2" / "valid.txt")
+    editor = Editor(handle, config, corpus=corpus, cache_dir=tmp_path, progress=False)
+    question = [{"role": "user", "content": "What is the mother tongue of Danielle Darrieux?"}]
+    with (
+        VersionedModel.temporary(handle, editor) as model,
+        HttpServer.bind("127.0.0.1", 0) as server,
+    ):
+        service = Served(load_settings(), model, Metrics())
+        server.start(create_app(service, ServeSettings()))
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+
+        def ask() -> tuple[str, str]:
+            answer = client.chat.completions.create(
+                model="editd-llama", messages=question, max_tokens=12, temperature=0
+            )
+            return answer.choices[0].message.content or "", answer.system_fingerprint or ""
+
+        before, version = ask()
+        assert "French" in before and version == "editd-v0"
+        model.apply(editor.compute_update([DARRIEUX]), [DARRIEUX])
+        after, version = ask()
+        assert "English" in after and "French" not in after, after
+        assert version == "editd-v1"

@@ -221,7 +221,7 @@ def test_rollback_goes_through_a_running_daemon(store_dir, monkeypatch, capsys):
         store.open()
         service = StoreBackedService(store)
         server.start(create_app(service, ServeSettings(admin_token="s3cret")))
-        args = ["rollback", "2", "--url", server.url, "--reason", "via api"]
+        args = ["rollback", "2", "--url", server.url, "--reason", "via api", "--json"]
         assert main(args) == 0
         assert json.loads(capsys.readouterr().out) == {"version": 2, "undone_facts": 6}
         assert store.current == 2
@@ -231,4 +231,11 @@ def test_rollback_goes_through_a_running_daemon(store_dir, monkeypatch, capsys):
         monkeypatch.setenv("EDITD_SERVE__ADMIN_TOKEN", "wrong")
         assert main(["rollback", "1", "--url", server.url]) == 1
         assert "401" in capsys.readouterr().err
+
+        # No token anywhere: the hint names both ways to give one.
+        monkeypatch.delenv("EDITD_SERVE__ADMIN_TOKEN")
+        empty = store_dir.parent / "no-token-here"
+        assert main(["rollback", "1", "--url", server.url, "--data-dir", str(empty)]) == 1
+        err = capsys.readouterr().err
+        assert "EDITD_SERVE__ADMIN_TOKEN" in err and "--data-dir" in err
         assert store.current == 2

@@ -63,11 +63,12 @@ def iter_records(text: str) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError:
         document = None
     else:
+        # Numbered from 1, as JSON lines are: "record 3" is the third element.
         if isinstance(document, list):
-            for i, record in enumerate(document):
+            for i, record in enumerate(document, start=1):
                 yield f"record {i}", record
             return
-        yield "record 0", document
+        yield "record 1", document
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -133,16 +134,19 @@ def publish_raw(
     """
     own = producer is None
     producer = producer or new_producer(bootstrap_servers)
+    # The bar counts acknowledgements, not sends: a send only queues the record in the
+    # producer, and a fact is published when the broker has it (acks=all).
+    bar = tqdm(total=total, disable=not progress, unit="fact", desc=f"acknowledged ({topic})")
     try:
-        futures = [
-            producer.send(topic, key=key, value=value, headers=rest[0] if rest else None)
-            for key, value, *rest in tqdm(
-                records, total=total, disable=not progress, unit="fact", desc=f"publish {topic}"
-            )
-        ]
+        futures = []
+        for key, value, *rest in records:
+            future = producer.send(topic, key=key, value=value, headers=rest[0] if rest else None)
+            future.add_callback(lambda _: bar.update(1))
+            futures.append(future)
         producer.flush(timeout=SEND_TIMEOUT_S)
         return [f.get(timeout=SEND_TIMEOUT_S).offset for f in futures]
     finally:
+        bar.close()
         if own:
             producer.close(timeout=10)
 
@@ -178,7 +182,8 @@ def _read_input(name: str) -> str:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """`editd publish FILE|-`: exit 0 if every record was published, 1 if some were
-    rejected locally, 2 if the file could not be read or the broker did not take the facts."""
+    rejected locally or the input held no record at all, 2 if the file could not be read or
+    the broker did not take the facts."""
     kafka = settings.kafka
     try:
         text = _read_input(args.file)
@@ -186,6 +191,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"editd publish: cannot read {args.file}: {exc}", file=sys.stderr)
         return EXIT_PUBLISH_FAILED
     loaded = load_facts(text, settings.facts)
+    if not loaded.facts and not loaded.rejected:
+        print(
+            f"editd publish: warning: {args.file} holds no records; nothing was published",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_REJECTED
     servers = bootstrap_servers_for(kafka)
     published = 0
     if loaded.facts:

@@ -102,7 +102,14 @@ class DaemonClient:
         if response.is_error:
             hint = ""
             if admin and response.status_code == 401:
-                hint = " (the client sends serve.admin_token, e.g. EDITD_SERVE__ADMIN_TOKEN)"
+                hint = (
+                    " (the token comes from serve.admin_token, e.g. EDITD_SERVE__ADMIN_TOKEN, "
+                    "or from DATA_DIR/admin-token: pass --data-dir with the daemon's data "
+                    "directory)"
+                    if self._admin_token is None
+                    else " (the token sent is not the daemon's: check serve.admin_token or "
+                    "--data-dir)"
+                )
             raise DaemonError(
                 f"{method} {path}: HTTP {response.status_code}: {_message(response)}{hint}"
             )
@@ -119,13 +126,15 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    """`editd eval [--json] [--url URL]`: evaluate now, with the configured admin token."""
+    """`editd eval [--json] [--url URL] [--data-dir DIR]`: evaluate now, with the admin token
+    of the configuration or of the daemon's data directory."""
     client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
     return _run(lambda: client.evaluate(), args, title=f"evaluation of {client.url}")
 
 
 def consolidate(args: argparse.Namespace, settings: Settings) -> int:
-    """`editd consolidate [--json] [--url URL]`: re-solve every live fact jointly, now."""
+    """`editd consolidate [--json] [--url URL] [--data-dir DIR]`: re-solve every live fact
+    jointly, now."""
     client = DaemonClient(args.url or daemon_url(settings.serve), admin_token(settings))
     return _run(lambda: client.consolidate(), args, title=f"consolidation on {client.url}")
 

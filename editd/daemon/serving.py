@@ -9,7 +9,7 @@ from typing import Any
 
 from editd.config import Settings
 from editd.daemon.errors import FatalError
-from editd.daemon.generation import Completion, Generator, SamplingParams
+from editd.daemon.generation import Completion, Generator, Prompt, SamplingParams, Stream
 from editd.monitoring.metrics import Metrics
 from editd.versions import VersionedModel
 
@@ -63,11 +63,18 @@ class Serving:
     def fatal(self) -> FatalError | None:
         return self._fatal
 
-    def complete(self, prompts: list[str], params: SamplingParams) -> Completion:
+    def complete(self, prompts: list[Prompt], params: SamplingParams) -> Completion:
         completion = self.generator.complete(prompts, params)
         self.metrics.prompt_tokens.inc(completion.prompt_tokens)
         self.metrics.generated_tokens.inc(completion.completion_tokens)
         return completion
+
+    def stream(self, prompts: list[Prompt], params: SamplingParams) -> Stream:
+        return self.generator.stream(prompts, params)
+
+    def stream_ended(self, stream: Stream) -> None:
+        self.metrics.prompt_tokens.inc(stream.prompt_tokens)
+        self.metrics.generated_tokens.inc(stream.completion_tokens)
 
     def versions(self) -> list[dict[str, Any]]:
         return self.model.versions()
