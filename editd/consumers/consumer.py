@@ -44,7 +44,7 @@ from kafka.structs import OffsetAndMetadata
 from editd.config import FactLimits, KafkaSettings
 from editd.consumers.batching import Batcher, FactBatch, Origin, Partition
 from editd.consumers.security import KafkaSecurityError, client_options
-from editd.consumers.undecodable import BadBatch, describe, locate
+from editd.consumers.undecodable import BadBatch, describe, drop_fetched, locate, take_pending_error
 from editd.facts import FactError, parse_fact
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,13 @@ class FactConsumer:
                     continue
                 for record in tp_records:
                     self._handle_record(record)
+            # After the records before it, and before anything is paused (see the function).
+            held_back = take_pending_error(consumer)
+            if held_back is not None:
+                bad = locate(held_back)
+                stale = bad is not None and (bad.tp in rewound or bad.tp in self._rewind)
+                if stale or not self._skip_undecodable(consumer, held_back):
+                    log.warning("a fetch failed (%s); read again", describe(held_back))
             self._check_dead_letters()
 
             if self._state is State.RUNNING and self.batcher.ready():
@@ -523,6 +530,7 @@ class FactConsumer:
         self._dead_letters.append(letter)
         self.stats.consumed += 1
         self.stats.undecodable_batches += 1
+        drop_fetched(consumer, bad.tp)
         consumer.seek(tp, end)
         self._send_dead_letter(letter)
         return True

@@ -92,3 +92,44 @@ def _frames(exc: BaseException) -> Iterator[dict[str, Any]]:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def take_pending_error(consumer: Any) -> BaseException | None:
+    """An error kafka-python holds back for the next `poll()`, taken out of it now.
+
+    When a poll returns records and then meets an undecodable batch, the error is kept for the
+    next poll, and that poll drops it if the partition is paused by then (the consumer pauses
+    every partition while it edits): the fetcher then spins on the dead batch inside every
+    later `poll()` of that partition. Taking it at once, before anything is paused, avoids both.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None:
+        return None
+    meta = getattr(fetcher, "_next_in_line_exception_metadata", None)
+    if meta is not None and isinstance(getattr(meta, "exception", None), BaseException):
+        fetcher._next_in_line_exception_metadata = None
+        return meta.exception
+    parked = getattr(fetcher, "_paused_partition_records", {})
+    for part in (getattr(fetcher, "_next_partition_records", None), *parked.values()):
+        exc = getattr(part, "_next_inline_exception", None)
+        if isinstance(exc, BaseException):
+            part._next_inline_exception = None
+            return exc
+    return None
+
+
+def drop_fetched(consumer: Any, tp: Partition) -> None:
+    """Discard what the fetcher holds of `tp` (the batch that failed to decode), so it asks
+    the broker again from the position the caller seeks to."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None:
+        return
+    parked = getattr(fetcher, "_paused_partition_records", {})
+    for part in (getattr(fetcher, "_next_partition_records", None), *parked.values()):
+        where = getattr(part, "topic_partition", None)
+        if (
+            where is not None
+            and (where[0], where[1]) == tp
+            and callable(getattr(part, "drain", None))
+        ):
+            part.drain()
