@@ -283,8 +283,8 @@ class FactConsumer:
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.kafka.client_id,
             # Fail construction within seconds when no broker answers, so the retry loop (and
-            # stop()) stay responsive; the default is 30 s.
-            "bootstrap_timeout_ms": 10_000,
+            # stop()) stay responsive; kafka-python's default is 30 s.
+            "bootstrap_timeout_ms": self.kafka.connect_timeout_ms,
             "reconnect_backoff_max_ms": int(self.backoff.maximum * 1000),
             **client_options(self.kafka),
         }
