@@ -35,9 +35,11 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
+    CorruptRecordError,
     KafkaError,
     RetriableError,
     SaslAuthenticationFailedError,
+    UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
 
@@ -337,14 +339,14 @@ class FactConsumer:
                 records = consumer.poll(timeout_ms=self._poll_timeout_ms())
                 poll_errors = self.backoff.delays()
             except Exception as exc:
-                # A record batch that cannot be decoded raises out of poll() for its whole
-                # partition, whatever the error: find it, dead-letter it, read on after it.
-                if not isinstance(exc, RetriableError) and self._skip_undecodable(consumer, exc):
-                    continue
                 if isinstance(exc, SaslAuthenticationFailedError | AuthorizationError):
                     raise KafkaSecurityError(
                         f"kafka.sasl_username: the broker refused it ({describe(exc)})"
                     ) from exc
+                # A record batch that cannot be decoded raises out of poll() for its whole
+                # partition, whatever the error: find it, dead-letter it, read on after it.
+                if not isinstance(exc, RetriableError) and self._skip_undecodable(consumer, exc):
+                    continue
                 self.stats.broker_errors += 1
                 delay = next(poll_errors)
                 log.warning("poll failed (%s); retrying in %.1fs", describe(exc), delay)
@@ -487,7 +489,8 @@ class FactConsumer:
 
     def _dead_letter(self, record: Any, origin: Origin, reason: str) -> None:
         log.warning("dead-lettering %s/%d@%d: %s", *_where(origin), reason)
-        # The producer's own headers (a trace id, its source) first, editd's after them.
+        # The producer's own headers (a trace id, its source) first, editd's after them; a
+        # null value is sent empty (kafka-python's producer takes bytes only).
         own = [(str(k), v if v is not None else b"") for k, v in (record.headers or [])]
         headers = own + _reason_headers(origin, reason)
         letter = _DeadLetter(origin, record.key, record.value, headers)
@@ -501,8 +504,12 @@ class FactConsumer:
         cannot be told which batch that was (then the caller retries the poll)."""
         bad = locate(exc)
         if bad is None:
+            # Only an error of decoding may cost an offset; a broker's refusal never does.
+            decoding = not isinstance(exc, KafkaError) or isinstance(
+                exc, UnsupportedCodecError | CorruptRecordError
+            )
             fetchable = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
-            if len(fetchable) != 1:
+            if not decoding or len(fetchable) != 1:
                 log.error(
                     "a fetch failed (%s) and its partition is unknown; retrying", describe(exc)
                 )
