@@ -9,15 +9,17 @@ reason, and commits past all of it.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from typing import Any
 
 import pytest
 
-from editd.config import FactLimits
+from editd.config import FactLimits, KafkaSettings
 from editd.consumers.broker import EmbeddedBroker, ensure_topics
 from editd.consumers.consumer import FactConsumer
+from editd.consumers.security import KafkaSecurityError, check_connection
 from editd.world.requests import make_requests
 from tests.kafka_support import committed, read_topic
 from tests.raw_batches import produce_batch, record_batch
@@ -121,3 +123,16 @@ def test_a_record_that_is_not_json_keeps_its_headers_even_when_some_are_null(
     [letter] = read_topic(servers, f"{topic}.dlq", expect=1)
     assert letter.headers[0][0] == "empty"
     assert dict(letter.headers)["original_offset"] == b"0"
+
+
+def test_a_port_that_accepts_but_speaks_no_kafka_is_named_within_the_timeout() -> None:
+    with socket.socket() as silent:  # listens, and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        server = f"127.0.0.1:{silent.getsockname()[1]}"
+        kafka = KafkaSettings(bootstrap_servers=[server], connect_timeout_ms=1500)
+        started = time.monotonic()
+        with pytest.raises(KafkaSecurityError, match=r"kafka\.bootstrap_servers: .* no Kafka"):
+            check_connection([server], kafka)
+        # TCP is at once; Kafka's handshake gets the timeout (and kafka-python's own poll step).
+        assert time.monotonic() - started < 2 * 1.5 + 2
