@@ -1,5 +1,3 @@
-import sys
+from editd.cli import console
 
-from editd.cli import main
-
-sys.exit(main())
+console()

@@ -20,12 +20,11 @@ from editd.config import SCORE_NAMES, Settings, admin_token
 from editd.consumers.publish import bootstrap_servers_for
 from editd.consumers.rejected import drain
 from editd.consumers.security import client_options
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK
 from editd.store.store import EditStore, StoreError, StoreLocked, StoreNotFound
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 # Scores shown as table columns when the evaluator recorded them under these keys.
 _SCORE_COLUMNS = SCORE_NAMES

@@ -8,18 +8,20 @@ A handler takes (args, settings) and returns the process exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from editd.config import ALGOS, ConfigError, Settings, load_settings
+from editd.exitcodes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -335,8 +337,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return resolve(args.handler)(args, settings)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:
+        # Never a bare traceback and Python's own 1 from an error nobody foresaw: it is logged
+        # whole, and the exit code is the documented one for "see the log".
+        logging.getLogger("editd").exception("editd %s failed unexpectedly", args.command)
+        return EXIT_FAILURE
+
+
+def console() -> NoReturn:
+    """The `editd` executable: `main`, then the process ends with its exit code.
+
+    When threads are still alive (the daemon's C0 statistics or evaluator inside torch, an
+    edit abandoned by a second signal), the interpreter's own teardown would run under them,
+    and torch's native thread pool then aborts the process (`terminate called without an
+    active exception`, exit 134) whatever the code was meant to be. Everything that must
+    survive is durable by then (the store fsyncs, the Kafka clients are closed), so the
+    process flushes its output and leaves without that teardown.
+    """
+    code = main()
+    if threading.active_count() > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -39,6 +39,13 @@ class KafkaSettings(Section):
         5.0, ge=0, description="Edit a partial batch once its oldest fact waited this long."
     )
     session_timeout_ms: int = Field(10_000, gt=0)
+    connect_timeout_ms: int = Field(
+        10_000,
+        gt=0,
+        description="How long `editd run` waits at start for the configured Kafka to answer "
+        "(each step: TCP, TLS, the Kafka handshake, topic creation) before exiting 8 naming "
+        "the setting; also bounds each of the consumer's reconnect attempts.",
+    )
     max_message_bytes: int = Field(1_000_000, gt=0)
     embedded_port: int = Field(19092, gt=0, lt=65536, description="Port of the embedded broker.")
     embedded_storage: Literal["disk", "memory"] = Field(

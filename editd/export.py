@@ -32,13 +32,12 @@ from safetensors.torch import save_file
 
 from editd import durable
 from editd.config import Settings
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK
 from editd.lowrank import tensor_sha256
 from editd.store.store import EditStore, StoreError
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 # Files of an editd model directory that are editd's own, not the checkpoint's.
 _EDITD_FILES = {"c0-corpus.txt"}
 

@@ -131,7 +131,7 @@ def test_publish_to_no_broker_fails_cleanly(
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(NATIVE), encoding="utf-8")
     dead = f"127.0.0.1:{free_port()}"
-    assert cli(["publish", str(path), "--bootstrap-servers", dead]) == 2
+    assert cli(["publish", str(path), "--bootstrap-servers", dead]) == 8  # EXIT_KAFKA
     assert f"publishing to {dead} failed" in capsys.readouterr().err
 
 

@@ -31,6 +31,7 @@ from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
 from editd.editing.stats import Corpus
+from editd.exitcodes import EXIT_OK, EXIT_USAGE
 from editd.facts import FactUpdate
 from editd.models.registry import is_builtin
 from editd.versions import VersionedModel
@@ -362,7 +363,7 @@ def run_bench(
 def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.edits <= 0 or args.batch_size <= 0:
         print("editd bench edit: --edits and --batch-size must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     handle = load_handle(args.model, settings)
     workload = None
     if args.dataset is not None:
@@ -372,7 +373,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             "editd bench edit: a model other than the built-in one needs --dataset FILE",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     if args.store is not None or args.curve is not None:
         result = _lifelong(args, handle, settings, workload)
     else:
@@ -386,7 +387,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             workload=workload,
         )
     print_result(result, as_json=args.json)
-    return 0
+    return EXIT_OK
 
 
 def _lifelong(

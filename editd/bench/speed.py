@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from editd.config import Settings
+from editd.exitcodes import EXIT_OK, EXIT_USAGE
 
 # Published geometries (config.json of the Meta checkpoints), and a tiny one for tests.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -200,7 +201,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.edits <= 0 or args.batch_size <= 0:
         print("editd bench speed: --edits and --batch-size must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     updates = {k: v for k, v in {"device": args.device, "dtype": args.dtype}.items() if v}
     settings = settings.model_copy(update={"model": settings.model.model_copy(update=updates)})
     result = run_speed(
@@ -212,4 +213,4 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
     )
     print_result(result, as_json=args.json)
-    return 0
+    return EXIT_OK

@@ -40,6 +40,7 @@ from editd.bench.edit import (
 from editd.config import SCORE_NAMES, Settings
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, summarize
+from editd.exitcodes import EXIT_OK, EXIT_USAGE
 from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         plan = plan_from_args(args)
     except ValueError as exc:
         print(f"editd bench study: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     handle = load_handle(getattr(args, "model", None), settings)
 
     def emit(point: dict[str, Any]) -> None:
@@ -302,4 +303,4 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     result = run_study(handle, settings, plan, emit=emit)
     json_path, png_path = write_results(result, args.out)
     log.info("wrote %s and %s in %.0fs", json_path, png_path, result["seconds"])
-    return 0
+    return EXIT_OK

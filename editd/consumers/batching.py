@@ -184,10 +184,16 @@ class Batcher:
         self._consumed(origin)
         self.folded += len(self._pending.push(_Entry(fact, origin, self._clock())))
 
-    def hold(self, origin: Origin) -> None:
+    def hold(self, origin: Origin, end: int | None = None) -> None:
         """A record read at `origin` that is not done yet (a dead letter awaiting the broker's
-        acknowledgement): it holds back its partition's offset until `release`."""
+        acknowledgement): it holds back its partition's offset until `release`.
+
+        `end` says the letter stands for every offset up to it (a batch that could not be
+        decoded): once released, the partition's position moves past them all.
+        """
         self._consumed(origin)
+        if end is not None and end > origin.offset + 1:
+            self._consumed_end[origin.tp] = end
         self._held.setdefault(origin.tp, set()).add(origin.offset)
 
     def release(self, origin: Origin) -> None:

@@ -33,11 +33,9 @@ from types import TracebackType
 from typing import IO, Any
 
 from editd.config import KafkaSettings, Settings
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_BROKER_DIED = 1
 
 STARTUP_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
@@ -124,6 +122,7 @@ def ensure_topics(
         bootstrap_servers=list(bootstrap_servers),
         client_id="editd-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        bootstrap_timeout_ms=int(timeout_s * 1000),
         **(options or {}),
     )
     try:
@@ -467,7 +466,14 @@ def ensure_update_log(
     started from nothing rebuilds from it)."""
     from editd.consumers.updates import TOPIC_CONFIGS
 
-    ensure_topics(servers, [kafka.updates_topic], 1, options=options, configs=TOPIC_CONFIGS)
+    ensure_topics(
+        servers,
+        [kafka.updates_topic],
+        1,
+        timeout_s=kafka.connect_timeout_ms / 1000,
+        options=options,
+        configs=TOPIC_CONFIGS,
+    )
 
 
 def default_topics(kafka: KafkaSettings) -> list[str]:
@@ -514,6 +520,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     except BrokerError as exc:
         print(f"editd broker: {exc}", file=sys.stderr)
-        return EXIT_BROKER_DIED
+        return EXIT_FAILURE
     finally:
         broker.stop()

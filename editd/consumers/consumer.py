@@ -32,12 +32,21 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, RetriableError
+from kafka.errors import (
+    AuthorizationError,
+    CommitFailedError,
+    CorruptRecordError,
+    KafkaError,
+    RetriableError,
+    SaslAuthenticationFailedError,
+    UnsupportedCodecError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from editd.config import FactLimits, KafkaSettings
 from editd.consumers.batching import Batcher, FactBatch, Origin, Partition
-from editd.consumers.security import client_options
+from editd.consumers.security import KafkaSecurityError, client_options
+from editd.consumers.undecodable import BadBatch, describe, drop_fetched, locate, take_pending_error
 from editd.facts import FactError, parse_fact
 
 log = logging.getLogger(__name__)
@@ -100,6 +109,8 @@ class ConsumerStats:
     """Records read from the fact topic (valid or not, redeliveries included)."""
     dead_lettered: int = 0
     """Invalid records the dead-letter topic acknowledged."""
+    undecodable_batches: int = 0
+    """Record batches no fetch could decode, skipped (each one dead letter)."""
     applied: int = 0
     """Facts in batches `apply_batch` returned for."""
     already_applied: int = 0
@@ -274,8 +285,8 @@ class FactConsumer:
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.kafka.client_id,
             # Fail construction within seconds when no broker answers, so the retry loop (and
-            # stop()) stay responsive; the default is 30 s.
-            "bootstrap_timeout_ms": 10_000,
+            # stop()) stay responsive; kafka-python's default is 30 s.
+            "bootstrap_timeout_ms": self.kafka.connect_timeout_ms,
             "reconnect_backoff_max_ms": int(self.backoff.maximum * 1000),
             **client_options(self.kafka),
         }
@@ -327,10 +338,18 @@ class FactConsumer:
             try:
                 records = consumer.poll(timeout_ms=self._poll_timeout_ms())
                 poll_errors = self.backoff.delays()
-            except RetriableError as exc:
+            except Exception as exc:
+                if isinstance(exc, SaslAuthenticationFailedError | AuthorizationError):
+                    raise KafkaSecurityError(
+                        f"kafka.sasl_username: the broker refused it ({describe(exc)})"
+                    ) from exc
+                # A record batch that cannot be decoded raises out of poll() for its whole
+                # partition, whatever the error: find it, dead-letter it, read on after it.
+                if not isinstance(exc, RetriableError) and self._skip_undecodable(consumer, exc):
+                    continue
                 self.stats.broker_errors += 1
                 delay = next(poll_errors)
-                log.warning("poll failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("poll failed (%s); retrying in %.1fs", describe(exc), delay)
                 self._stop.wait(delay)
                 continue
             if self._coordinator_lost_too_long(consumer):
@@ -346,6 +365,13 @@ class FactConsumer:
                     continue
                 for record in tp_records:
                     self._handle_record(record)
+            # After the records before it, and before anything is paused (see the function).
+            held_back = take_pending_error(consumer)
+            if held_back is not None:
+                bad = locate(held_back)
+                stale = bad is not None and (bad.tp in rewound or bad.tp in self._rewind)
+                if stale or not self._skip_undecodable(consumer, held_back):
+                    log.warning("a fetch failed (%s); read again", describe(held_back))
             self._check_dead_letters()
 
             if self._state is State.RUNNING and self.batcher.ready():
@@ -452,6 +478,9 @@ class FactConsumer:
         except FactError as exc:
             self._dead_letter(record, origin, exc.reason)
             return
+        except Exception as exc:  # no record may end the loop, whatever is wrong with it
+            self._dead_letter(record, origin, f"unreadable record: {describe(exc)}")
+            return
         folded_before = self.batcher.folded
         self.batcher.add(fact, origin)
         self.stats.folded += self.batcher.folded - folded_before
@@ -460,17 +489,58 @@ class FactConsumer:
 
     def _dead_letter(self, record: Any, origin: Origin, reason: str) -> None:
         log.warning("dead-lettering %s/%d@%d: %s", *_where(origin), reason)
-        headers = [
-            ("error", reason.encode("utf-8")),
-            ("original_topic", origin.topic.encode("utf-8")),
-            ("original_partition", str(origin.partition).encode("ascii")),
-            ("original_offset", str(origin.offset).encode("ascii")),
-        ]
+        # The producer's own headers (a trace id, its source) first, editd's after them; a
+        # null value is sent empty (kafka-python's producer takes bytes only).
+        own = [(str(k), v if v is not None else b"") for k, v in (record.headers or [])]
+        headers = own + _reason_headers(origin, reason)
         letter = _DeadLetter(origin, record.key, record.value, headers)
         # Held, not done: its offset must not be committed before the broker has the letter.
         self.batcher.hold(origin)
         self._dead_letters.append(letter)
         self._send_dead_letter(letter)
+
+    def _skip_undecodable(self, consumer: KafkaConsumer, exc: BaseException) -> bool:
+        """Dead-letter the batch `exc` was raised decoding and seek past it; False if it
+        cannot be told which batch that was (then the caller retries the poll)."""
+        bad = locate(exc)
+        if bad is None:
+            # Only an error of decoding may cost an offset; a broker's refusal never does.
+            decoding = not isinstance(exc, KafkaError) or isinstance(
+                exc, UnsupportedCodecError | CorruptRecordError
+            )
+            fetchable = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
+            if not decoding or len(fetchable) != 1:
+                log.error(
+                    "a fetch failed (%s) and its partition is unknown; retrying", describe(exc)
+                )
+                return False
+            bad = BadBatch((fetchable[0].topic, fetchable[0].partition), None, None, None)
+        tp = TopicPartition(*bad.tp)
+        if tp not in consumer.assignment():
+            return True  # revoked meanwhile: its next owner meets the batch again
+        first = consumer.position(tp)
+        if first is None:
+            return False
+        end = bad.next_offset if bad.next_offset is not None and bad.next_offset > first else None
+        end = end or first + 1  # the batch's extent unknown: one offset at a time
+        origin = Origin(tp.topic, tp.partition, first)
+        reason = f"undecodable record batch at offsets {first}-{end - 1}: {describe(exc)}"
+        log.warning("dead-lettering %s/%d@%d: %s", *_where(origin), reason)
+        headers = [
+            *_reason_headers(origin, reason),
+            ("original_last_offset", str(end - 1).encode("ascii")),
+            # The value is the batch as fetched (Kafka's record batch format, compressed).
+            ("value_format", b"kafka-record-batch" if bad.raw is not None else b"none"),
+        ]
+        letter = _DeadLetter(origin, None, bad.raw, headers)
+        self.batcher.hold(origin, end=end)
+        self._dead_letters.append(letter)
+        self.stats.consumed += 1
+        self.stats.undecodable_batches += 1
+        drop_fetched(consumer, bad.tp)
+        consumer.seek(tp, end)
+        self._send_dead_letter(letter)
+        return True
 
     def _send_dead_letter(self, letter: _DeadLetter) -> None:
         assert self._producer is not None
@@ -482,7 +552,17 @@ class FactConsumer:
             letter.future = None
             letter.retry_at = self._clock() + self.backoff.initial
             self.stats.broker_errors += 1
+            self._shrink_if_refused(letter, exc)
             log.warning("cannot send a dead letter (%s); will retry", exc)
+
+    @staticmethod
+    def _shrink_if_refused(letter: _DeadLetter, exc: BaseException) -> None:
+        """A letter refused for what it is (too large, say) would be refused for ever: send
+        its headers alone, saying why the value is missing."""
+        if isinstance(exc, RetriableError) or (letter.key is None and letter.value is None):
+            return
+        letter.key = letter.value = None
+        letter.headers = [*letter.headers, ("value_dropped", describe(exc).encode("utf-8"))]
 
     def _check_dead_letters(self) -> None:
         still: list[_DeadLetter] = []
@@ -497,6 +577,7 @@ class FactConsumer:
             elif letter.future.failed():
                 self.stats.broker_errors += 1
                 log.warning("dead letter not acknowledged (%s); resending", letter.future.exception)
+                self._shrink_if_refused(letter, letter.future.exception)
                 letter.future = None
                 letter.retry_at = now + self.backoff.initial
                 still.append(letter)
@@ -649,6 +730,15 @@ class FactConsumer:
                 producer.close(timeout=5)
             except Exception:
                 log.exception("closing the Kafka producer failed")
+
+
+def _reason_headers(origin: Origin, reason: str) -> list[tuple[str, bytes]]:
+    return [
+        ("error", reason.encode("utf-8")),
+        ("original_topic", origin.topic.encode("utf-8")),
+        ("original_partition", str(origin.partition).encode("ascii")),
+        ("original_offset", str(origin.offset).encode("ascii")),
+    ]
 
 
 def _where(origin: Origin) -> tuple[str, int, int]:

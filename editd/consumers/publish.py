@@ -23,13 +23,12 @@ from tqdm import tqdm
 
 from editd.config import FactLimits, KafkaSettings, Settings
 from editd.consumers.security import KafkaSecurityError, client_options
+from editd.exitcodes import EXIT_FAILURE, EXIT_KAFKA, EXIT_OK, EXIT_USAGE
 from editd.facts import FactError, FactUpdate, fact_from_record
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_SOME_REJECTED = 1
-EXIT_PUBLISH_FAILED = 2
+EXIT_SOME_REJECTED = EXIT_FAILURE
 SEND_TIMEOUT_S = 60.0
 MAX_REASONS_SHOWN = 20
 
@@ -182,14 +181,14 @@ def _read_input(name: str) -> str:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """`editd publish FILE|-`: exit 0 if every record was published, 1 if some were
-    rejected locally or the input held no record at all, 2 if the file could not be read or
-    the broker did not take the facts."""
+    rejected locally or the input held no record at all, 2 if the file could not be read, 8
+    if the broker did not take the facts."""
     kafka = settings.kafka
     try:
         text = _read_input(args.file)
     except (OSError, UnicodeDecodeError) as exc:
         print(f"editd publish: cannot read {args.file}: {exc}", file=sys.stderr)
-        return EXIT_PUBLISH_FAILED
+        return EXIT_USAGE
     loaded = load_facts(text, settings.facts)
     if not loaded.facts and not loaded.rejected:
         print(
@@ -216,12 +215,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 producer.close(timeout=10)
         except KafkaSecurityError as exc:
             print(f"editd publish: {exc}", file=sys.stderr)
-            return EXIT_PUBLISH_FAILED
+            return EXIT_KAFKA
         except KafkaError as exc:
             print(
                 f"editd publish: publishing to {','.join(servers)} failed: {exc}", file=sys.stderr
             )
-            return EXIT_PUBLISH_FAILED
+            return EXIT_KAFKA
     print(
         f"published {published} facts to {kafka.topic} at {','.join(servers)}; "
         f"rejected {len(loaded.rejected)} locally",

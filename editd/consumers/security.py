@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,18 +73,41 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-def check_connection(servers: Sequence[str], kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+def check_connection(
+    servers: Sequence[str], kafka: KafkaSettings, timeout_s: float | None = None
+) -> None:
     """Fail fast, naming the setting, when the brokers cannot be reached with these settings.
 
-    TLS is checked with Python's own handshake against the first bootstrap server that
-    accepts a connection (a wrong CA or a plaintext listener is named precisely); then a
-    metadata request through kafka-python checks SASL credentials.
+    Each step waits at most `timeout_s` (default `kafka.connect_timeout_ms`): a TCP connection
+    to one of the bootstrap servers (nothing listening is named as such, in milliseconds when
+    the port refuses); for TLS, Python's own handshake against it (a wrong CA or a plaintext
+    listener is named precisely); then Kafka's own handshake through kafka-python, which also
+    checks SASL credentials.
     """
+    timeout = kafka.connect_timeout_ms / 1000 if timeout_s is None else timeout_s
     options = client_options(kafka)
+    reachable = _check_reachable(servers, timeout)
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        _check_tls(servers, options, timeout_s)
-    if kafka.security_protocol.startswith("SASL"):
-        _check_sasl(servers, options, timeout_s)
+        _check_tls(reachable, options, timeout)
+    _check_kafka(servers, options, timeout, kafka.security_protocol)
+
+
+def _check_reachable(servers: Sequence[str], timeout_s: float) -> list[str]:
+    """The bootstrap servers that accept a TCP connection, first; none is a
+    `KafkaSecurityError` naming `kafka.bootstrap_servers`."""
+    deadline = time.monotonic() + timeout_s
+    errors = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=left):
+                return [server, *(s for s in servers if s != server)]
+        except (OSError, ValueError) as exc:
+            errors.append(f"{server}: {exc}")
+    raise KafkaSecurityError(
+        f"kafka.bootstrap_servers: no broker reachable within {timeout_s:g}s ({'; '.join(errors)})"
+    )
 
 
 def _check_tls(servers: Sequence[str], options: dict[str, Any], timeout_s: float) -> None:
@@ -123,20 +147,38 @@ def _check_tls(servers: Sequence[str], options: dict[str, Any], timeout_s: float
     raise KafkaSecurityError(f"kafka.bootstrap_servers: none answered: {'; '.join(errors)}")
 
 
-def _check_sasl(servers: Sequence[str], options: dict[str, Any], timeout_s: float) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.errors import AuthenticationFailedError, KafkaError
+def _check_kafka(
+    servers: Sequence[str], options: dict[str, Any], timeout_s: float, protocol: str
+) -> None:
+    import logging
 
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError, SaslAuthenticationFailedError
+
+    ms = int(timeout_s * 1000)
+    # kafka-python logs each failed attempt; the one line that matters is the error below.
+    quiet = logging.getLogger("kafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=list(servers),
-            request_timeout_ms=int(timeout_s * 1000),
+            request_timeout_ms=ms,
+            bootstrap_timeout_ms=ms,
             **options,
         )
-    except AuthenticationFailedError as exc:
+    except SaslAuthenticationFailedError as exc:
         raise KafkaSecurityError(
             "kafka.sasl_username / kafka.sasl_password: the broker rejected the credentials"
         ) from exc
     except KafkaError as exc:
-        raise KafkaSecurityError(f"kafka.security_protocol: cannot connect: {exc}") from exc
+        setting = (
+            "kafka.bootstrap_servers" if protocol == "PLAINTEXT" else "kafka.security_protocol"
+        )
+        raise KafkaSecurityError(
+            f"{setting}: {','.join(servers)} accepted a connection but no Kafka answered "
+            f"within {timeout_s:g}s as {protocol} ({type(exc).__name__}: {exc})"
+        ) from exc
+    finally:
+        quiet.setLevel(level)
     admin.close()

@@ -15,9 +15,7 @@ from typing import Any
 import httpx
 
 from editd.config import ServeSettings, Settings, admin_token
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK
 
 
 class DaemonError(Exception):

@@ -6,7 +6,7 @@ serve /livez while loading → model, editor → the versioned model restores th
 handled only here: the first SIGTERM/SIGINT stops intake and lets the in-flight edit finish
 (its version becomes durable and its offsets committed); a second one exits at once, which is
 safe too: an edit that was not durable is replayed. Exit codes name why the daemon stopped
-(`EXIT_*` below; README lists them).
+(editd/exitcodes.py; README lists them).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from kafka.errors import KafkaError
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
@@ -42,20 +43,21 @@ from editd.daemon.api import create_app
 from editd.daemon.errors import FatalError, Unavailable
 from editd.daemon.server import HttpServer
 from editd.daemon.service import Canary, EditService, base_reading, measure
+from editd.exitcodes import (
+    EXIT_BIND,
+    EXIT_FAILURE,
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_KAFKA,
+    EXIT_OK,
+    EXIT_RESTORE_FAILED,
+    EXIT_STORE_LOCKED,
+    EXIT_STORE_MISMATCH,
+)
 from editd.facts import FactUpdate
 from editd.monitoring.metrics import Metrics
 
 log = logging.getLogger("editd")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1  # a batch failed in a way the daemon cannot judge (see the log)
-EXIT_BIND = 3  # the HTTP port is taken or not allowed
-EXIT_STORE_LOCKED = 4  # another process holds the edit store (a second daemon?)
-EXIT_STORE_MISMATCH = 5  # the store was made for another model, layers or dtype
-EXIT_RESTORE_FAILED = 6  # the store's current version does not rebuild to its sha256
-EXIT_FATAL = 7  # the served model can no longer be trusted (device error, failed rollback)
-EXIT_KAFKA = 8  # the configured Kafka cannot be reached with its security settings
-EXIT_INTERRUPTED = 130
 
 PROBE_SEED = 7_919  # the built-in model's probe facts: fixed, so scores compare across runs
 
@@ -161,6 +163,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except BatchFailed as exc:
             log.error("stopping: %s", exc)
             return EXIT_FATAL if service.fatal else EXIT_FAILURE
+        except KafkaSecurityError as exc:
+            log.error("kafka: %s", exc)
+            return EXIT_KAFKA
         if service.fatal:
             log.error("stopped: %s", service.fatal)
             return EXIT_FATAL
@@ -214,13 +219,20 @@ def _kafka(settings: Settings, stack: ExitStack) -> list[str]:
     if kafka.bootstrap_servers:
         # A wrong CA or password fails here in seconds, naming the setting.
         check_connection(kafka.bootstrap_servers, kafka)
-        ensure_topics(
-            kafka.bootstrap_servers,
-            default_topics(kafka),
-            kafka.partitions,
-            options=client_options(kafka),
-        )
-        ensure_update_log(kafka.bootstrap_servers, kafka, options=client_options(kafka))
+        topics = [*default_topics(kafka), kafka.updates_topic]
+        try:
+            ensure_topics(
+                kafka.bootstrap_servers,
+                default_topics(kafka),
+                kafka.partitions,
+                timeout_s=kafka.connect_timeout_ms / 1000,
+                options=client_options(kafka),
+            )
+            ensure_update_log(kafka.bootstrap_servers, kafka, options=client_options(kafka))
+        except (BrokerError, KafkaError) as exc:
+            raise KafkaSecurityError(
+                f"kafka.topic: cannot create {', '.join(topics)}: {type(exc).__name__}: {exc}"
+            ) from exc
         return list(kafka.bootstrap_servers)
     broker = EmbeddedBroker(
         port=kafka.embedded_port,

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 from editd.config import Settings
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK
 
 
 def _say(msg: str) -> None:
