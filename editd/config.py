@@ -145,10 +145,11 @@ class EditingSettings(Section):
         description="Gated memory: the similarity (cosine of whitened keys) at which a fact's "
         "gate opens. Empty: the model's profile, else 0.6.",
     )
-    gate_rank: int = Field(
-        256,
+    gate_rank: int | None = Field(
+        None,
         gt=0,
-        description="Gated memory: C0's leading eigen-directions the gate compares keys in.",
+        description="Gated memory: C0's leading eigen-directions the gate compares keys in; "
+        "empty: all of them (d_in). Each version keeps a d_in × rank projection.",
     )
     layers: list[int] | None = Field(
         None, description="Edited layers; empty picks the early-middle MLPs of the model."

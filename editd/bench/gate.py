@@ -99,7 +99,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     base: list[float] | None = None
     for n in counts:
         memory = (
-            random_memory(d_outs, d_in, n, args.block, config.gate_rank, args.seed) if n else None
+            random_memory(d_outs, d_in, n, args.block, config.gate_rank or d_in, args.seed)
+            if n
+            else None
         )
         handle.serve({}, memory)
         before = handle.gate_counter.snapshot()
@@ -115,7 +117,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             "layers": layers,
             "facts": n,
             "block": args.block,
-            "gate_rank": config.gate_rank,
+            "gate_rank": config.gate_rank or d_in,
             "completion_tokens": args.tokens,
             "completions": len(times),
             "p50_seconds": p50,

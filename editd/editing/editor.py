@@ -64,7 +64,7 @@ class EditorConfig:
     # (editd.memory), opened where a layer-input matches one of its facts' keys.
     memory: str = "weights"
     gate_threshold: float = 0.6
-    gate_rank: int = 256
+    gate_rank: int | None = None  # None: d_in, the whole whitening
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
     site: str = "subject_last"  # where keys are read and δ is added (subject.render)
     # How the residual is split over layers: "joint" (solvers.layer_share) or MEMIT's "even".
@@ -253,7 +253,8 @@ class Editor:
         device = self.handle.device
         cfg = self.config
         if cfg.memory == "gated":
-            self._projection = gate_projection(c0s[self.modules[0]], cfg.gate_rank)
+            c0 = c0s[self.modules[0]]
+            self._projection = gate_projection(c0, cfg.gate_rank or c0.shape[0])
         for name, c0 in c0s.items():
             if cfg.algo == "alphaedit":
                 pres = Preservation.null_space(

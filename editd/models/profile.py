@@ -185,7 +185,7 @@ def profile_model(
         gate_facts,
         prompts,
         gate_module,
-        gate_projection(c0, gate_editor.config.gate_rank),
+        gate_projection(c0, gate_editor.config.gate_rank or c0.shape[0]),
         GATE_THRESHOLDS,
     )
     gate = choose_threshold(separation)
@@ -211,7 +211,7 @@ def profile_model(
             "grid": grid,
             "gate": {
                 "module": gate_module,
-                "rank": gate_editor.config.gate_rank,
+                "rank": gate_editor.config.gate_rank or int(c0.shape[0]),
                 "rule": "most paraphrases opened net of neighbour prompts, among thresholds "
                 f"opening on at most {MAX_TEXT_FIRES:g} of the canary's tokens",
                 "separation": [asdict(r) for r in separation],
