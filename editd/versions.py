@@ -193,9 +193,14 @@ class VersionedModel:
         return self.store.lineage()
 
     def capacity(self, c0: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        """How far the served version has moved each edited module (editing.capacity)."""
+        """How far the served version has moved each edited module (editing.capacity).
+
+        The version lock is held only to take the served deltas (the store's D_v, a fresh
+        dict); the norms are computed after it is released, so this never waits on an edit
+        longer than the edit itself holds the lock, and never makes one wait."""
         with self._changing:
-            return layer_capacity(self.store.deltas(), self.store.base(), c0)
+            deltas, base = self.store.deltas(), self.store.base()
+        return layer_capacity(deltas, base, c0)
 
     def applied_fact_ids(self) -> set[str]:
         return self.store.applied_fact_ids()
@@ -351,6 +356,19 @@ class VersionedModel:
                     f"version {target} serves weights that differ from its record in {mismatched}"
                 )
             return undone
+
+    def drop_lineage(self) -> list[int]:
+        """Serve the base again and forget every later version (a replica whose update log
+        was taken over by another editor: it rebuilds that editor's lineage from the base, so
+        two editors' versions are never mixed). Returns the versions dropped."""
+        with self._changing:
+            dropped = self.store.reset_to_base()
+            self.handle.set_deltas(self.store.deltas(), then=lambda: self._set(0))
+            mismatched = self._mismatched(0)
+            if mismatched:
+                raise RestoreFailed(f"the base rebuilt after a takeover differs in {mismatched}")
+            self._preserve_lineage()
+            return dropped
 
     def reject(self, facts: Sequence[FactUpdate | Mapping[str, Any]], reason: str) -> Rejected:
         """Facts that will never be applied: durably into the outbox, to be published."""

@@ -55,6 +55,8 @@ EXIT_STORE_MISMATCH = 5  # the store was made for another model, layers or dtype
 EXIT_RESTORE_FAILED = 6  # the store's current version does not rebuild to its sha256
 EXIT_FATAL = 7  # the served model can no longer be trusted (device error, failed rollback)
 EXIT_KAFKA = 8  # the configured Kafka cannot be reached with its security settings
+EXIT_DISK_FULL = 12  # the data dir's disk is full: nothing was lost; free space and restart
+EXIT_UPDATE_LOG_TAKEN = 13  # the update log is another editor's (--take-over-updates-log)
 EXIT_INTERRUPTED = 130
 
 PROBE_SEED = 7_919  # the built-in model's probe facts: fixed, so scores compare across runs
@@ -136,6 +138,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return exc.code
         service_proxy.target = service
         service.fatal_hook = lambda _error: _stop_consuming(stop, consumer)
+        service.update_log_hook = lambda _error: _stop_consuming(stop, consumer)
+        if service.updates.taken is not None:
+            return EXIT_UPDATE_LOG_TAKEN
         if stop.is_set():
             return EXIT_FATAL if service.fatal else EXIT_OK
         fc = FactConsumer(
@@ -145,8 +150,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             service.known_fact_ids,
             bootstrap_servers=servers,
         )
-        service.consumer_stats = fc.stats
-        service.consumer_lag = fc.lag
+        service.attach_consumer(fc.stats, fc.lag)
         consumer.append(fc)
         if stop.is_set():
             fc.stop()
@@ -159,8 +163,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             fc.run()
         except BatchFailed as exc:
+            if service.disk_full is not None:
+                return EXIT_DISK_FULL
             log.error("stopping: %s", exc)
             return EXIT_FATAL if service.fatal else EXIT_FAILURE
+        if service.updates.taken is not None:
+            log.error("stopped: %s", service.updates.taken)
+            return EXIT_UPDATE_LOG_TAKEN
         if service.fatal:
             log.error("stopped: %s", service.fatal)
             return EXIT_FATAL
@@ -271,6 +280,7 @@ def _load(
         bootstrap_servers=servers,
         checks_off=dict.fromkeys(("applied", "probe", "canary"), starting),
     )
+    _claim_update_log(service)
     service.start()
     stack.callback(service.stop)
     stack.callback(lambda: service.evaluator.stop() if service.evaluator else None)
@@ -309,6 +319,23 @@ def _load(
 
     service.prepare_in_background(first=guards)
     return service
+
+
+def _claim_update_log(service: EditService) -> None:
+    """Refuse to start on another editor's update log (unless told to take it over) before
+    consuming a fact. A broker that cannot say yet leaves the check to the publisher, which
+    makes it before it publishes anything and stops the daemon the same way."""
+    from kafka.errors import KafkaError
+
+    from editd.consumers.updates import UpdateLogTaken
+
+    try:
+        service.updates.claim(timeout_s=30.0)
+    except UpdateLogTaken as exc:
+        log.error("update log: %s", exc)
+        service.updates.taken = exc
+    except KafkaError as exc:
+        log.warning("update log: cannot check its writer yet (%s); checked before publishing", exc)
 
 
 def load_handle(settings: Settings) -> tuple[Path, Any]:
