@@ -874,11 +874,16 @@ class EditStore:
         tmp = self._versions_dir / f".tmp-{version:06d}-{os.getpid()}"
         durable.remove(tmp)
         tmp.mkdir()
-        if update is not None:
-            save_file(update, tmp / _UPDATE_FILE, metadata={"format": str(FORMAT)})
-            durable.fsync_file(tmp / _UPDATE_FILE)
-        durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest.to_manifest()))
-        durable.fsync_dir(tmp)
+        try:
+            if update is not None:
+                _save_file(update, tmp / _UPDATE_FILE, {"format": str(FORMAT)})
+                durable.fsync_file(tmp / _UPDATE_FILE)
+            durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest.to_manifest()))
+            durable.fsync_dir(tmp)
+        except BaseException:
+            # A full disk, most likely: give the space back now rather than at the next open.
+            durable.remove(tmp)
+            raise
         os.replace(tmp, final)
         durable.fsync_dir(self._versions_dir)
 
@@ -954,7 +959,21 @@ def _advance(
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    durable.write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    durable.write_with(path, lambda tmp: _save_file(tensors, tmp, meta))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """safetensors' `save_file`, its I/O errors raised as `OSError` with their errno: it
+    raises its own error type, and a full disk (ENOSPC) must stop the daemon with its exit
+    code, not pass for a failed batch."""
+    try:
+        save_file(tensors, path, metadata=meta)
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None or isinstance(exc, OSError):
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 # ---------------------------------------------------------------------- values
