@@ -165,6 +165,11 @@ class Follower:
         if item.kind == TAKEOVER:
             self._take_over(item)
             return
+        if self.editor is None and item.editor is not None and item.editor not in self.superseded:
+            # The editor from before store ids, upgraded: it writes its id only on a log its
+            # state file says it wrote (UpdateLogPublisher.claim), so this is the same lineage.
+            log.info("the editor names its store now: %s", item.editor)
+            self.editor = item.editor
         if item.editor != self.editor:
             if item.editor in self.superseded:
                 log.debug("update log: ignoring a record of editor %s (taken over)", item.editor)
