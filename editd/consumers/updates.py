@@ -495,33 +495,6 @@ class UpdateLogReader:
         self._consumer.close()
 
 
-def log_end_offset(
-    servers: Sequence[str],
-    topic: str,
-    timeout_s: float = 10.0,
-    options: dict[str, Any] | None = None,
-) -> int | None:
-    """The log's high watermark, from a fetch (Tansu's `end_offsets` can be low)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    tp = TopicPartition(topic, 0)
-    consumer = KafkaConsumer(
-        bootstrap_servers=list(servers), group_id=None, enable_auto_commit=False, **(options or {})
-    )
-    try:
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            consumer.poll(timeout_ms=500, max_records=1)
-            high = consumer.highwater(tp)
-            if high is not None:
-                return high
-        return None
-    finally:
-        consumer.close()
-
-
 def last_writer(
     servers: Sequence[str],
     topic: str,
