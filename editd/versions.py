@@ -196,8 +196,9 @@ class VersionedModel:
         """How far the served version has moved each edited module (editing.capacity).
 
         The version lock is held only to take the served deltas (the store's D_v, a fresh
-        dict); the norms are computed after it is released, so this never waits on an edit
-        longer than the edit itself holds the lock, and never makes one wait."""
+        dict); the norms are computed after it is released. Taking the lock waits for an edit
+        in progress, so the daemon calls this from the thread that changed the version, never
+        when `/metrics` is scraped (Serving.refresh_capacity)."""
         with self._changing:
             deltas, base = self.store.deltas(), self.store.base()
         return layer_capacity(deltas, base, c0)
