@@ -50,7 +50,8 @@ def test_a_scrape_during_an_edit_answers_at_once(tmp_path: Path, broker, smollm2
         topic,
         batch_size=len(FACTS),
         linger=0.5,
-        env={"EDITD_MODEL__PATH": str(smollm2_dir)},
+        # C0 from fewer tokens: this test times a scrape, not the edit's quality.
+        env={"EDITD_MODEL__PATH": str(smollm2_dir), "EDITD_EDITING__STATS_TOKENS": "4096"},
     )
     with daemon:
         daemon.wait_ready(timeout=600)

@@ -313,7 +313,7 @@ class UpdateLogPublisher:
             return True
         if not self._takeover_pending and self._state["end_offset"]:
             # Another editor that took the log over since this one published: stop here.
-            end, writer = self._last_writer(timeout_s)
+            end, writer = self._last_writer(timeout_s, self._state["end_offset"])
             if end > self._state["end_offset"] and self._foreign(end, writer):
                 raise UpdateLogTaken(
                     f"the update log {self.topic} was taken over by editor store "
@@ -428,10 +428,10 @@ class UpdateLogPublisher:
             return empty
         return {**empty, **state}
 
-    def _last_writer(self, timeout_s: float) -> tuple[int, str | None]:
+    def _last_writer(self, timeout_s: float, from_offset: int = 0) -> tuple[int, str | None]:
         from kafka.errors import KafkaTimeoutError
 
-        found = last_writer(self.servers, self.topic, timeout_s, self.options)
+        found = last_writer(self.servers, self.topic, timeout_s, self.options, from_offset)
         if found is None:
             raise KafkaTimeoutError(f"the end of {self.topic} was not known in {timeout_s:.0f}s")
         return found
@@ -500,9 +500,12 @@ def last_writer(
     topic: str,
     timeout_s: float = 10.0,
     options: dict[str, Any] | None = None,
+    from_offset: int = 0,
 ) -> tuple[int, str | None] | None:
     """(the log's end offset, the `editor` header of its last record); (0, None) for an
-    empty log; None when the broker did not say within `timeout_s`."""
+    empty log; None when the broker did not say within `timeout_s`. The end is learnt from
+    a fetch at `from_offset` (Tansu's `end_offsets` can be low): an offset known to be on the
+    log keeps that fetch small."""
     from kafka import KafkaConsumer, TopicPartition
 
     tp = TopicPartition(topic, 0)
@@ -511,7 +514,7 @@ def last_writer(
     )
     try:
         consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
+        consumer.seek(tp, from_offset)
         deadline = time.monotonic() + timeout_s
         high = None
         while high is None and time.monotonic() < deadline:
@@ -519,8 +522,8 @@ def last_writer(
             high = consumer.highwater(tp)
         if high is None:
             return None
-        if high == 0:
-            return 0, None
+        if high == 0 or high < from_offset:
+            return high, None  # empty, or shorter than the caller knew: it republishes
         consumer.seek(tp, high - 1)
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
