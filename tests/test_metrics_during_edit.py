@@ -31,6 +31,7 @@ FACTS = [
     ),
 ]
 SCRAPE_BOUND_S = 1.0
+CORPUS = Path(__file__).resolve().parents[1] / "editd/monitoring/assets/canary_prompts.txt"
 
 
 def _norm_ratios(text: str) -> list[float]:
@@ -50,8 +51,13 @@ def test_a_scrape_during_an_edit_answers_at_once(tmp_path: Path, broker, smollm2
         topic,
         batch_size=len(FACTS),
         linger=0.5,
-        # C0 from fewer tokens: this test times a scrape, not the edit's quality.
-        env={"EDITD_MODEL__PATH": str(smollm2_dir), "EDITD_EDITING__STATS_TOKENS": "4096"},
+        # C0 from a little shipped text, not from text the model would generate first: this
+        # test times a scrape, not the edit's quality.
+        env={
+            "EDITD_MODEL__PATH": str(smollm2_dir),
+            "EDITD_EDITING__STATS_CORPUS": str(CORPUS),
+            "EDITD_EDITING__STATS_TOKENS": "2048",
+        },
     )
     with daemon:
         daemon.wait_ready(timeout=600)

@@ -23,8 +23,9 @@ editor that finds the log's last record written by another store refuses to star
 `takeover` record before its own versions. A replica follows one editor: records of another
 editor are refused until a takeover record names it, and then the replica drops the old
 lineage, rebuilds from the base with the new editor's versions, and ignores the old editor's
-records for good (daemon/replica.py). A running editor that finds its log taken over stops
-publishing (`UpdateLogTaken` again): it is no longer the one its replicas follow.
+records for good (daemon/replica.py). A running editor learns it was taken over when its next
+publication lands after another editor's records (no extra read per publication; the replicas
+ignore what it sent), and stops (`UpdateLogTaken` again).
 
 The editor publishes only what its store made durable, at least once: `UpdateLogPublisher`
 compares the store's current version with what it last published (`update-log.json` in the
@@ -311,15 +312,6 @@ class UpdateLogPublisher:
         if self._state["current"] == target and not self._takeover_pending:
             self.published = target
             return True
-        if not self._takeover_pending and self._state["end_offset"]:
-            # Another editor that took the log over since this one published: stop here.
-            end, writer = self._last_writer(timeout_s, self._state["end_offset"])
-            if end > self._state["end_offset"] and self._foreign(end, writer):
-                raise UpdateLogTaken(
-                    f"the update log {self.topic} was taken over by editor store "
-                    f"{writer or 'without an id'}; this editor ({self.editor_id}) no longer "
-                    f"publishes, and its replicas follow the other one"
-                )
         if self._producer is None:
             ms = int(timeout_s * 1000)
             self._producer = KafkaProducer(
@@ -351,6 +343,19 @@ class UpdateLogPublisher:
         sent_bytes += len(payload)
         self._producer.flush(timeout=timeout_s)
         metas = [f.get(timeout=timeout_s) for f in futures]
+        previous_end = self._state["end_offset"]
+        if previous_end and metas[0].offset > previous_end and not self._takeover_pending:
+            # Someone wrote between this editor's publications: if another editor took the
+            # log over, its replicas ignore what was just sent, and this editor stops.
+            writer = record_writer(
+                self.servers, self.topic, metas[0].offset - 1, timeout_s, self.options
+            )
+            if writer is not MISSING and writer != self.editor_id:
+                raise UpdateLogTaken(
+                    f"the update log {self.topic} was taken over by editor store "
+                    f"{writer or 'without an id'}; this editor ({self.editor_id}) no longer "
+                    f"publishes, and its replicas follow the other one"
+                )
         self._takeover_pending = False
         self._state["versions"] = sorted({*self._state["versions"], *sent_versions})
         self._state["current"] = target
@@ -428,10 +433,10 @@ class UpdateLogPublisher:
             return empty
         return {**empty, **state}
 
-    def _last_writer(self, timeout_s: float, from_offset: int = 0) -> tuple[int, str | None]:
+    def _last_writer(self, timeout_s: float) -> tuple[int, str | None]:
         from kafka.errors import KafkaTimeoutError
 
-        found = last_writer(self.servers, self.topic, timeout_s, self.options, from_offset)
+        found = last_writer(self.servers, self.topic, timeout_s, self.options)
         if found is None:
             raise KafkaTimeoutError(f"the end of {self.topic} was not known in {timeout_s:.0f}s")
         return found
@@ -495,6 +500,42 @@ class UpdateLogReader:
         self._consumer.close()
 
 
+MISSING: Any = object()  # record_writer: the record could not be read in time
+
+
+def record_writer(
+    servers: Sequence[str],
+    topic: str,
+    offset: int,
+    timeout_s: float = 10.0,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """The `editor` header of the record at `offset` (None: a record without one), or
+    `MISSING` when it was not read within `timeout_s`."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    tp = TopicPartition(topic, 0)
+    consumer = KafkaConsumer(
+        bootstrap_servers=list(servers), group_id=None, enable_auto_commit=False, **(options or {})
+    )
+    try:
+        consumer.assign([tp])
+        return _writer_at(consumer, tp, offset, time.monotonic() + timeout_s)
+    finally:
+        consumer.close()
+
+
+def _writer_at(consumer: Any, tp: Any, offset: int, deadline: float) -> Any:
+    consumer.seek(tp, offset)
+    while time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            for r in records:
+                if r.offset == offset:
+                    h = {k: (v or b"").decode("utf-8", "replace") for k, v in r.headers or ()}
+                    return h.get("editor") or None
+    return MISSING
+
+
 def last_writer(
     servers: Sequence[str],
     topic: str,
@@ -524,13 +565,7 @@ def last_writer(
             return None
         if high == 0 or high < from_offset:
             return high, None  # empty, or shorter than the caller knew: it republishes
-        consumer.seek(tp, high - 1)
-        while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    if r.offset == high - 1:
-                        h = {k: (v or b"").decode("utf-8", "replace") for k, v in r.headers or ()}
-                        return high, h.get("editor") or None
-        return None
+        writer = _writer_at(consumer, tp, high - 1, deadline)
+        return None if writer is MISSING else (high, writer)
     finally:
         consumer.close()
