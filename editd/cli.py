@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "from the update log (kafka.updates_topic).",
     )
 
+    p.add_argument(
+        "--take-over-updates-log",
+        action="store_true",
+        default=None,
+        help="Take the update log (kafka.updates_topic) over from the editor that wrote it "
+        "last (a lost and recreated data dir, another editor's log): its replicas drop that "
+        "editor's versions and follow this one. Without it such an editor exits with 13.",
+    )
+
     p = command("broker", "editd.consumers.broker:main", "Run the embedded Kafka broker.")
     p.add_argument("--port", type=int, help="Port on 127.0.0.1 (default kafka.embedded_port).")
 
@@ -302,6 +311,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "topic": get("topic"),
             "batch_size": get("batch_size"),
             "linger_seconds": get("linger"),
+            "take_over_updates_log": get("take_over_updates_log"),
         },
         "store": {"data_dir": get("data_dir")},
         "model": {"path": get("model") if args.command in ("run", "export") else None},

@@ -62,6 +62,12 @@ class KafkaSettings(Section):
         description="The update log: the editor publishes every durable version and rollback "
         "there (one partition, unlimited retention); replicas follow it.",
     )
+    take_over_updates_log: bool = Field(
+        False,
+        description="Editor: take the update log over when another editor (another edit "
+        "store) wrote it last; its replicas then drop that editor's versions and follow this "
+        "one. Off: such an editor refuses to start (exit 13).",
+    )
     update_chunk_bytes: int = Field(
         512 * 1024,
         gt=0,

@@ -30,6 +30,12 @@ rollback)."""
 EXIT_KAFKA = 8
 """The configured Kafka cannot be used: unreachable within `kafka.connect_timeout_ms`, refused
 TLS or SASL, topics that cannot be created, or (`editd publish`) facts it did not take."""
+EXIT_DISK_FULL = 12
+"""The data dir's disk is full (ENOSPC, EDQUOT) during a commit: nothing was lost, the batch is
+replayed; free space and restart."""
+EXIT_UPDATE_LOG_TAKEN = 13
+"""The update log (`kafka.updates_topic`) is another editor's: start with
+`--take-over-updates-log` to make this editor's lineage the one replicas follow."""
 EXIT_INTERRUPTED = 130
 """A second SIGTERM/SIGINT (or Ctrl-C): exited at once; what was not durable is replayed."""
 
@@ -43,6 +49,8 @@ ALL: dict[int, str] = {
     EXIT_RESTORE_FAILED: "EXIT_RESTORE_FAILED",
     EXIT_FATAL: "EXIT_FATAL",
     EXIT_KAFKA: "EXIT_KAFKA",
+    EXIT_DISK_FULL: "EXIT_DISK_FULL",
+    EXIT_UPDATE_LOG_TAKEN: "EXIT_UPDATE_LOG_TAKEN",
     EXIT_INTERRUPTED: "EXIT_INTERRUPTED",
 }
 """Code → name, for the test that keeps README's table in step."""

@@ -193,9 +193,15 @@ class VersionedModel:
         return self.store.lineage()
 
     def capacity(self, c0: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        """How far the served version has moved each edited module (editing.capacity)."""
+        """How far the served version has moved each edited module (editing.capacity).
+
+        The version lock is held only to take the served deltas (the store's D_v, a fresh
+        dict); the norms are computed after it is released. Taking the lock waits for an edit
+        in progress, so the daemon calls this from the thread that changed the version, never
+        when `/metrics` is scraped (Serving.refresh_capacity)."""
         with self._changing:
-            return layer_capacity(self.store.deltas(), self.store.base(), c0)
+            deltas, base = self.store.deltas(), self.store.base()
+        return layer_capacity(deltas, base, c0)
 
     def applied_fact_ids(self) -> set[str]:
         return self.store.applied_fact_ids()
@@ -342,6 +348,16 @@ class VersionedModel:
             undone = self.store.follow(target, current.reason, current.at)
             self._serve(target, f"version {target} from the update log")
             return undone
+
+    def drop_lineage(self) -> list[int]:
+        """Serve the base again and forget every later version (a replica whose update log
+        was taken over by another editor: it rebuilds that editor's lineage from the base, so
+        two editors' versions are never mixed). Returns the versions dropped."""
+        with self._changing:
+            dropped = self.store.reset_to_base()
+            self._serve(0, "the base rebuilt after a takeover")
+            self._preserve_lineage()
+            return dropped
 
     def reject(self, facts: Sequence[FactUpdate | Mapping[str, Any]], reason: str) -> Rejected:
         """Facts that will never be applied: durably into the outbox, to be published."""

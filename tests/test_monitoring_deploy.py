@@ -39,7 +39,7 @@ def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
 def test_promtool_check_rules() -> None:
     result = run_promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:

@@ -235,6 +235,7 @@ def _publish_corrupt(servers: list[str], editor_dir: Path, version: int) -> None
     store = EditStore(editor_dir, readonly=True)
     store.open()
     payload = UpdateLogSource(store).version_payload(8)  # undone by the rollback
+    editor = store.store_id  # forged as the editor's own: refused for what is inside
     store.close()
     record, factors, base_sha = decode_version(payload)
     forged = record.replace(version=version, parent=7)
@@ -242,13 +243,17 @@ def _publish_corrupt(servers: list[str], editor_dir: Path, version: int) -> None
     tampered = {**factors, name: factors[name] * 1.5}
     producer = KafkaProducer(bootstrap_servers=servers, acks="all")
     try:
-        bad_checksum = messages(VERSION, version, encode_version(forged, factors, base_sha), 4096)
+        bad_checksum = messages(
+            VERSION, version, encode_version(forged, factors, base_sha), 4096, editor
+        )
         key, value, headers = bad_checksum[1]
         bad_checksum[1] = (key, bytes([value[0] ^ 1]) + value[1:], headers)
-        bad_sha = messages(VERSION, version, encode_version(forged, tampered, base_sha), 4096)
+        bad_sha = messages(
+            VERSION, version, encode_version(forged, tampered, base_sha), 4096, editor
+        )
         lineage = (*range(8), version)
         current = Current(version=version, lineage=lineage, sha256={}, at="now")
-        never = messages(CURRENT, version, encode_current(current), 4096)
+        never = messages(CURRENT, version, encode_current(current), 4096, editor)
         for key, value, headers in (*bad_checksum, *bad_sha, *never):
             producer.send("model-updates", key=key, value=value, headers=headers, partition=0)
         producer.flush(30)

@@ -12,6 +12,20 @@ rather than through a protocol of editd's own. One topic (`kafka.updates_topic`,
   replicated by the same log that orders them (a 100-fact version of an 8B Llama, ~50 MB of
   factors, is ~100 chunks of 512 KiB).
 - `current`: which version the editor serves, after a commit or a rollback.
+- `takeover`: from here on the log is this editor's (below).
+
+Every chunk names the editor that wrote it: the id of its edit store (store/identity.py), in
+an `editor` header. Two editors' versions share numbers but not weights (an editor whose disk
+was lost and whose store was recreated, a second editor pointed at the same topic), so an
+editor that finds the log's last record written by another store refuses to start
+(`UpdateLogTaken`) unless its operator said to take the log over
+(`kafka.take_over_updates_log`, `editd run --take-over-updates-log`); it then publishes a
+`takeover` record before its own versions. A replica follows one editor: records of another
+editor are refused until a takeover record names it, and then the replica drops the old
+lineage, rebuilds from the base with the new editor's versions, and ignores the old editor's
+records for good (daemon/replica.py). A running editor learns it was taken over when its next
+publication lands after another editor's records (no extra read per publication; the replicas
+ignore what it sent), and stops (`UpdateLogTaken` again).
 
 The editor publishes only what its store made durable, at least once: `UpdateLogPublisher`
 compares the store's current version with what it last published (`update-log.json` in the
@@ -33,8 +47,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +59,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "version"
 CURRENT = "current"
-KINDS = (VERSION, CURRENT)
+TAKEOVER = "takeover"
+KINDS = (VERSION, CURRENT, TAKEOVER)
 # Retention of the update log: a replica started from nothing rebuilds from it.
 TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
 
@@ -61,10 +77,15 @@ class Source(Protocol):
     def current_payload(self, version: int, previous: int | None) -> bytes: ...
 
 
+class UpdateLogTaken(RuntimeError):
+    """The update log was written by another editor (another edit store) than this one."""
+
+
 def messages(
-    kind: str, version: int, payload: bytes, chunk_bytes: int
+    kind: str, version: int, payload: bytes, chunk_bytes: int, editor: str | None = None
 ) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
-    """(key, value, headers) of the chunks that carry `payload`, in order."""
+    """(key, value, headers) of the chunks that carry `payload`, in order; `editor` is the
+    id of the store that wrote them (None: an editor from before store ids)."""
     if kind not in KINDS:
         raise ValueError(f"unknown update-log record kind {kind!r}")
     if chunk_bytes <= 0:
@@ -81,6 +102,8 @@ def messages(
             ("sha256", digest.encode()),
             ("bytes", str(len(payload)).encode()),
         ]
+        if editor is not None:
+            headers.append(("editor", editor.encode()))
         out.append((f"{kind}/{version}/{i}".encode(), part, headers))
     return out
 
@@ -94,6 +117,7 @@ class LogRecord:
     payload: bytes
     first_offset: int
     next_offset: int  # the offset after its last chunk
+    editor: str | None = None  # the store that wrote it; None from an editor before store ids
 
 
 @dataclass(frozen=True)
@@ -112,6 +136,7 @@ class _Partial:
     chunks: int
     sha256: str
     first_offset: int
+    editor: str | None
     parts: list[bytes] = field(default_factory=list)
 
 
@@ -134,6 +159,7 @@ class Assembler:
                 None,
                 "not an update-log record (headers kind, version, chunk, chunks, sha256 missing)",
             )
+        editor = h.get("editor") or None
         if kind not in KINDS or chunks <= 0 or not 0 <= chunk < chunks:
             return Refusal(offset, version, f"bad chunk header: {kind} {chunk}/{chunks}")
         refused: Refusal | None = None
@@ -145,10 +171,11 @@ class Assembler:
                     p.version,
                     f"incomplete: the log moved on after {len(p.parts)} of {p.chunks} chunks",
                 )
-            p = self._partial = _Partial(kind, version, chunks, digest, offset)
+            p = self._partial = _Partial(kind, version, chunks, digest, offset, editor)
         elif (
             p is None
-            or (p.kind, p.version, p.chunks, p.sha256) != (kind, version, chunks, digest)
+            or (p.kind, p.version, p.chunks, p.sha256, p.editor)
+            != (kind, version, chunks, digest, editor)
             or chunk != len(p.parts)
         ):
             self._partial = None
@@ -166,7 +193,7 @@ class Assembler:
             )
         if refused is not None:
             log.warning("update log: %s", refused.why)
-        return LogRecord(kind, version, payload, p.first_offset, offset + 1)
+        return LogRecord(kind, version, payload, p.first_offset, offset + 1, p.editor)
 
     @property
     def pending_from(self) -> int | None:
@@ -187,6 +214,10 @@ class UpdateLogPublisher:
         chunk_bytes: int = 512 * 1024,
         retry_s: float = 5.0,
         options: dict[str, Any] | None = None,
+        editor_id: str | None = None,
+        take_over: bool = False,
+        on_published: Callable[[int], None] | None = None,
+        on_taken: Callable[[UpdateLogTaken], None] | None = None,
     ) -> None:
         self.source = source
         self.servers = list(servers)
@@ -195,15 +226,22 @@ class UpdateLogPublisher:
         self.chunk_bytes = chunk_bytes
         self.retry_s = retry_s
         self.options = dict(options or {})
+        self.editor_id = editor_id
+        self.take_over = take_over
+        self.on_published = on_published
+        self.on_taken = on_taken
         self.published: int | None = None  # the version the log says is current
         self.bytes_published = 0
         self.error: str | None = None
+        self.taken: UpdateLogTaken | None = None  # set once: this editor no longer publishes
+        self.took_over_from: str | None = None  # the editor whose log this one took over
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: Any = None
         self._state = self._read_state()
-        self._checked_log = False
+        self._claimed = False
+        self._takeover_pending = False
 
     def notify(self, _version: int | None = None) -> None:
         """A version changed (cheap; called under the model's write lock)."""
@@ -224,15 +262,54 @@ class UpdateLogPublisher:
             self._producer.close(timeout=timeout)
             self._producer = None
 
+    def claim(self, timeout_s: float = 30.0) -> None:
+        """Make sure the log is this editor's before anything is published (once).
+
+        A log whose last record another store wrote raises `UpdateLogTaken`, unless
+        `take_over`: then the next publication starts with a takeover record and republishes
+        the whole live lineage. A log shorter than what was published (a broker that lost its
+        disk, a recreated topic) is republished from the live lineage, or fresh replicas could
+        not rebuild. Raises Kafka's errors when the broker cannot say.
+        """
+        if self._claimed:
+            return
+        end, writer = self._last_writer(timeout_s)
+        if end < self._state["end_offset"]:
+            log.warning(
+                "update log: %s ends at offset %d, before the %d published; republishing",
+                self.topic,
+                end,
+                self._state["end_offset"],
+            )
+            self._state = self._empty_state()
+        if self._foreign(end, writer):
+            if not self.take_over:
+                raise UpdateLogTaken(
+                    f"the update log {self.topic} was written by another editor (store "
+                    f"{writer or 'without an id'}; this one is {self.editor_id}), whose versions "
+                    f"its replicas serve; to make them drop those and follow this editor, start "
+                    f"it with --take-over-updates-log (kafka.take_over_updates_log), or give it "
+                    f"another kafka.updates_topic"
+                )
+            log.warning(
+                "update log: taking %s over from editor store %s; its replicas will drop that "
+                "editor's versions and follow this one",
+                self.topic,
+                writer or "without an id",
+            )
+            self.took_over_from = writer or ""
+            self._takeover_pending = True
+            self._state = self._empty_state()
+        self._claimed = True
+
     def publish_once(self, timeout_s: float = 30.0) -> bool:
         """Bring the log up to the store's current version; True when it is there."""
         from kafka import KafkaProducer
 
         target = self.source.current()
-        if not self._checked_log:
-            self._check_log(timeout_s)
-            self._checked_log = True
-        if self._state["current"] == target:
+        if not self._claimed:
+            self.claim(timeout_s)
+        if self._state["current"] == target and not self._takeover_pending:
             self.published = target
             return True
         if self._producer is None:
@@ -247,6 +324,13 @@ class UpdateLogPublisher:
                 **self.options,
             )
         sent_versions, sent_bytes, futures = [], 0, []
+        if self._takeover_pending:
+            body = {
+                "editor": self.editor_id,
+                "previous": self.took_over_from or None,
+                "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+            futures += self._send(TAKEOVER, 0, json.dumps(body, sort_keys=True).encode())
         for v in self.source.lineage(target)[1:]:
             if v in self._state["versions"]:
                 continue
@@ -259,12 +343,28 @@ class UpdateLogPublisher:
         sent_bytes += len(payload)
         self._producer.flush(timeout=timeout_s)
         metas = [f.get(timeout=timeout_s) for f in futures]
+        previous_end = self._state["end_offset"]
+        if previous_end and metas[0].offset > previous_end and not self._takeover_pending:
+            # Someone wrote between this editor's publications: if another editor took the
+            # log over, its replicas ignore what was just sent, and this editor stops.
+            writer = record_writer(
+                self.servers, self.topic, metas[0].offset - 1, timeout_s, self.options
+            )
+            if writer is not MISSING and writer != self.editor_id:
+                raise UpdateLogTaken(
+                    f"the update log {self.topic} was taken over by editor store "
+                    f"{writer or 'without an id'}; this editor ({self.editor_id}) no longer "
+                    f"publishes, and its replicas follow the other one"
+                )
+        self._takeover_pending = False
         self._state["versions"] = sorted({*self._state["versions"], *sent_versions})
         self._state["current"] = target
         self._state["end_offset"] = metas[-1].offset + 1
         durable.write_bytes(self.state_file, json.dumps(self._state).encode())
         self.published = target
         self.bytes_published += sent_bytes
+        if self.on_published is not None:
+            self.on_published(target)
         log.info(
             "update log: version %d is current (%d new versions, %d bytes, offset %d)",
             target,
@@ -277,18 +377,26 @@ class UpdateLogPublisher:
     def _send(self, kind: str, version: int, payload: bytes) -> list[Any]:
         return [
             self._producer.send(self.topic, key=key, value=value, headers=headers, partition=0)
-            for key, value, headers in messages(kind, version, payload, self.chunk_bytes)
+            for key, value, headers in messages(
+                kind, version, payload, self.chunk_bytes, self.editor_id
+            )
         ]
 
     def _run(self) -> None:
         from kafka.errors import KafkaError
 
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.taken is None:
             self._wake.clear()
             try:
                 self.publish_once()
                 self.error = None
                 self._wake.wait()
+            except UpdateLogTaken as exc:
+                self.taken, self.error = exc, str(exc)
+                log.error("update log: %s", exc)
+                if self.on_taken is not None:
+                    self.on_taken(exc)
+                return
             except (KafkaError, OSError) as exc:
                 self.error = str(exc)
                 log.warning(
@@ -309,13 +417,11 @@ class UpdateLogPublisher:
                 self._producer.close(timeout=1)
             self._producer = None
 
+    def _empty_state(self) -> dict[str, Any]:
+        return {"topic": self.topic, "versions": [], "current": None, "end_offset": 0}
+
     def _read_state(self) -> dict[str, Any]:
-        empty: dict[str, Any] = {
-            "topic": self.topic,
-            "versions": [],
-            "current": None,
-            "end_offset": 0,
-        }
+        empty = self._empty_state()
         try:
             state = json.loads(self.state_file.read_text())
         except FileNotFoundError:
@@ -327,20 +433,21 @@ class UpdateLogPublisher:
             return empty
         return {**empty, **state}
 
-    def _check_log(self, timeout_s: float) -> None:
-        """A log shorter than what was published (a broker that lost its disk, a recreated
-        topic) is republished from the live lineage, or fresh replicas could not rebuild."""
-        if not self._state["end_offset"]:
-            return
-        end = log_end_offset(self.servers, self.topic, timeout_s, self.options)
-        if end is not None and end < self._state["end_offset"]:
-            log.warning(
-                "update log: %s ends at offset %d, before the %d published; republishing",
-                self.topic,
-                end,
-                self._state["end_offset"],
-            )
-            self._state = {"topic": self.topic, "versions": [], "current": None, "end_offset": 0}
+    def _last_writer(self, timeout_s: float) -> tuple[int, str | None]:
+        from kafka.errors import KafkaTimeoutError
+
+        found = last_writer(self.servers, self.topic, timeout_s, self.options)
+        if found is None:
+            raise KafkaTimeoutError(f"the end of {self.topic} was not known in {timeout_s:.0f}s")
+        return found
+
+    def _foreign(self, end: int, writer: str | None) -> bool:
+        """Whether the log's last record (at `end` - 1, by `writer`) is another editor's."""
+        if end == 0 or writer == self.editor_id:
+            return False
+        # A record without an id: from an editor before store ids, which was this one if
+        # this store published here before (its state file says so).
+        return not (writer is None and self._state["end_offset"] > 0)
 
 
 class UpdateLogReader:
@@ -393,13 +500,18 @@ class UpdateLogReader:
         self._consumer.close()
 
 
-def log_end_offset(
+MISSING: Any = object()  # record_writer: the record could not be read in time
+
+
+def record_writer(
     servers: Sequence[str],
     topic: str,
+    offset: int,
     timeout_s: float = 10.0,
     options: dict[str, Any] | None = None,
-) -> int | None:
-    """The log's high watermark, from a fetch (Tansu's `end_offsets` can be low)."""
+) -> Any:
+    """The `editor` header of the record at `offset` (None: a record without one), or
+    `MISSING` when it was not read within `timeout_s`."""
     from kafka import KafkaConsumer, TopicPartition
 
     tp = TopicPartition(topic, 0)
@@ -408,13 +520,52 @@ def log_end_offset(
     )
     try:
         consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
+        return _writer_at(consumer, tp, offset, time.monotonic() + timeout_s)
+    finally:
+        consumer.close()
+
+
+def _writer_at(consumer: Any, tp: Any, offset: int, deadline: float) -> Any:
+    consumer.seek(tp, offset)
+    while time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            for r in records:
+                if r.offset == offset:
+                    h = {k: (v or b"").decode("utf-8", "replace") for k, v in r.headers or ()}
+                    return h.get("editor") or None
+    return MISSING
+
+
+def last_writer(
+    servers: Sequence[str],
+    topic: str,
+    timeout_s: float = 10.0,
+    options: dict[str, Any] | None = None,
+    from_offset: int = 0,
+) -> tuple[int, str | None] | None:
+    """(the log's end offset, the `editor` header of its last record); (0, None) for an
+    empty log; None when the broker did not say within `timeout_s`. The end is learnt from
+    a fetch at `from_offset` (Tansu's `end_offsets` can be low): an offset known to be on the
+    log keeps that fetch small."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    tp = TopicPartition(topic, 0)
+    consumer = KafkaConsumer(
+        bootstrap_servers=list(servers), group_id=None, enable_auto_commit=False, **(options or {})
+    )
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, from_offset)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        high = None
+        while high is None and time.monotonic() < deadline:
             consumer.poll(timeout_ms=500, max_records=1)
             high = consumer.highwater(tp)
-            if high is not None:
-                return high
-        return None
+        if high is None:
+            return None
+        if high == 0 or high < from_offset:
+            return high, None  # empty, or shorter than the caller knew: it republishes
+        writer = _writer_at(consumer, tp, high - 1, deadline)
+        return None if writer is MISSING else (high, writer)
     finally:
         consumer.close()

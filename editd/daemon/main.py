@@ -45,6 +45,7 @@ from editd.daemon.server import HttpServer
 from editd.daemon.service import Canary, EditService, base_reading, measure
 from editd.exitcodes import (
     EXIT_BIND,
+    EXIT_DISK_FULL,
     EXIT_FAILURE,
     EXIT_FATAL,
     EXIT_INTERRUPTED,
@@ -53,6 +54,7 @@ from editd.exitcodes import (
     EXIT_RESTORE_FAILED,
     EXIT_STORE_LOCKED,
     EXIT_STORE_MISMATCH,
+    EXIT_UPDATE_LOG_TAKEN,
 )
 from editd.facts import FactUpdate
 from editd.monitoring.metrics import Metrics
@@ -138,6 +140,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return exc.code
         service_proxy.target = service
         service.fatal_hook = lambda _error: _stop_consuming(stop, consumer)
+        service.update_log_hook = lambda _error: _stop_consuming(stop, consumer)
+        if service.updates.taken is not None:
+            return EXIT_UPDATE_LOG_TAKEN
         if stop.is_set():
             return EXIT_FATAL if service.fatal else EXIT_OK
         fc = FactConsumer(
@@ -147,8 +152,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             service.known_fact_ids,
             bootstrap_servers=servers,
         )
-        service.consumer_stats = fc.stats
-        service.consumer_lag = fc.lag
+        service.attach_consumer(fc.stats, fc.lag)
         consumer.append(fc)
         if stop.is_set():
             fc.stop()
@@ -161,11 +165,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             fc.run()
         except BatchFailed as exc:
+            if service.disk_full is not None:
+                return EXIT_DISK_FULL
             log.error("stopping: %s", exc)
             return EXIT_FATAL if service.fatal else EXIT_FAILURE
         except KafkaSecurityError as exc:
             log.error("kafka: %s", exc)
             return EXIT_KAFKA
+        if service.updates.taken is not None:
+            log.error("stopped: %s", service.updates.taken)
+            return EXIT_UPDATE_LOG_TAKEN
         if service.fatal:
             log.error("stopped: %s", service.fatal)
             return EXIT_FATAL
@@ -283,6 +292,7 @@ def _load(
         bootstrap_servers=servers,
         checks_off=dict.fromkeys(("applied", "probe", "canary"), starting),
     )
+    _claim_update_log(service)
     service.start()
     stack.callback(service.stop)
     stack.callback(lambda: service.evaluator.stop() if service.evaluator else None)
@@ -321,6 +331,23 @@ def _load(
 
     service.prepare_in_background(first=guards)
     return service
+
+
+def _claim_update_log(service: EditService) -> None:
+    """Refuse to start on another editor's update log (unless told to take it over) before
+    consuming a fact. A broker that cannot say yet leaves the check to the publisher, which
+    makes it before it publishes anything and stops the daemon the same way."""
+    from kafka.errors import KafkaError
+
+    from editd.consumers.updates import UpdateLogTaken
+
+    try:
+        service.updates.claim(timeout_s=30.0)
+    except UpdateLogTaken as exc:
+        log.error("update log: %s", exc)
+        service.updates.taken = exc
+    except KafkaError as exc:
+        log.warning("update log: cannot check its writer yet (%s); checked before publishing", exc)
 
 
 def load_handle(settings: Settings) -> tuple[Path, Any]:

@@ -21,10 +21,19 @@ harmless because a version already held and the version already served are recog
 
 A replica is ready once it has read the log to its end after starting (a fresh one never
 serves the base model to users while it catches up), and stays ready while it follows.
+
+A replica follows one editor: the store id every record names (consumers/updates.py), the
+first it reads unless `follow.json` says which. A record of another editor is refused, as a
+corrupt one is, until a `takeover` record names that editor: then the replica drops every
+version after the base (`VersionedModel.drop_lineage`: served weights and store), counts it
+in `editd_update_log_takeovers_total`, says so in `/v1/status` and `/readyz` (`editor`,
+`took_over`), is not ready until it has read the log to its end again, and from then on
+ignores the old editor's records. Two editors' versions are never served mixed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -38,7 +47,7 @@ from prometheus_client import generate_latest
 from editd import durable
 from editd.config import Settings
 from editd.consumers.security import KafkaSecurityError, check_connection, client_options
-from editd.consumers.updates import VERSION, LogRecord, Refusal, UpdateLogReader
+from editd.consumers.updates import TAKEOVER, VERSION, LogRecord, Refusal, UpdateLogReader
 from editd.daemon.errors import Conflict, FatalError
 from editd.daemon.serving import Serving
 from editd.monitoring.metrics import Metrics
@@ -63,20 +72,31 @@ class Follower:
         metrics: Metrics,
         *,
         on_fatal: Any = None,
+        on_version: Any = None,
     ) -> None:
         self.model = model
         self.servers = servers
         self.kafka = settings.kafka
         self.metrics = metrics
         self.on_fatal = on_fatal
+        self.on_version = on_version  # called after the served version changed, outside locks
         self.position_file = Path(model.store.root) / POSITION_FILE
-        self.position = self._read_position()
+        saved = self._read_saved()
+        self.position = int(saved.get("offset", 0))
+        # The editor (store id) whose versions this replica holds; unknown until a record says.
+        self.editor: str | None = saved.get("editor")
+        self.editor_known = "editor" in saved
+        self.superseded: set[str | None] = {
+            None if e == "" else e for e in saved.get("superseded", [])
+        }
+        self.took_over: dict[str, Any] | None = saved.get("took_over")
         self.caught_up = False
         self.accepting = True
         self.refused: dict[str, Any] | None = None  # the last refusal, kept for the operator
         self.lag: int | None = None
         self.log_version: int | None = None  # the version the last current record named
         self.applied_at: float | None = None
+        self.disk_full: OSError | None = None
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -114,6 +134,18 @@ class Follower:
                         log.info(
                             "caught up with the update log: serving version %d", self.model.current
                         )
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Nothing half-written is served: the store writes temp, fsync, rename, and
+                # the record is read again after a restart.
+                self.disk_full = exc
+                log.critical(
+                    "the data dir %s is full (%s): stopping; free space and restart",
+                    self.model.store.root,
+                    exc.strerror,
+                )
+                break
             except KafkaError as exc:
                 log.warning("update log: %s; reconnecting", exc)
                 if reader is not None:
@@ -126,6 +158,30 @@ class Follower:
     def _handle(self, item: LogRecord | Refusal) -> None:
         if isinstance(item, Refusal):
             self._refuse(item.version, item.offset, item.why)
+            return
+        if not self.editor_known:
+            self.editor, self.editor_known = item.editor, True
+            log.info("following editor store %s", item.editor or "without an id")
+        if item.kind == TAKEOVER:
+            self._take_over(item)
+            return
+        if self.editor is None and item.editor is not None and item.editor not in self.superseded:
+            # The editor from before store ids, upgraded: it writes its id only on a log its
+            # state file says it wrote (UpdateLogPublisher.claim), so this is the same lineage.
+            log.info("the editor names its store now: %s", item.editor)
+            self.editor = item.editor
+        if item.editor != self.editor:
+            if item.editor in self.superseded:
+                log.debug("update log: ignoring a record of editor %s (taken over)", item.editor)
+                return
+            self._refuse(
+                item.version,
+                item.first_offset,
+                f"written by editor store {item.editor or 'without an id'}, not by "
+                f"{self.editor or 'the editor without an id'} whose versions this replica "
+                f"serves; two editors' versions are never mixed (the new editor takes the log "
+                f"over with --take-over-updates-log)",
+            )
             return
         try:
             if item.kind == VERSION:
@@ -150,15 +206,14 @@ class Follower:
             self.stop()
             return
         self.position = item.next_offset
-        durable.write_bytes(
-            self.position_file,
-            json.dumps({"topic": self.kafka.updates_topic, "offset": self.position}).encode(),
-        )
+        self._save()
         self.accepting = True
         self.log_version = current.version
         self.applied_at = time.time()
         self.metrics.update_log_version.set(current.version)
         if current.version != before:
+            if self.on_version is not None:
+                self.on_version()
             if undone:
                 log.warning(
                     "serving version %d: the editor rolled back %s (%s)",
@@ -182,19 +237,69 @@ class Follower:
             self.model.current,
         )
 
-    def _read_position(self) -> int:
+    def _take_over(self, item: LogRecord) -> None:
+        """Another editor takes the log over: drop the old lineage, follow the new one."""
+        if item.editor == self.editor or item.editor in self.superseded:
+            return  # read again (a replay from an earlier offset), or an older takeover
+        previous = self.editor
+        try:
+            dropped = self.model.drop_lineage()
+        except RestoreFailed as exc:
+            error = FatalError(f"update log takeover: {exc}")
+            if self.on_fatal is not None:
+                self.on_fatal(error)
+            self.stop()
+            return
+        # The store is back at the base before the new editor is remembered: a crash between
+        # the two reads the takeover record again and drops again.
+        self.superseded.add(previous)
+        self.editor = item.editor
+        self.took_over = {
+            "from": previous,
+            "to": item.editor,
+            "offset": item.first_offset,
+            "dropped": dropped,
+            "at": time.time(),
+        }
+        self.position = item.next_offset
+        self._save()
+        self.metrics.update_log_takeovers.inc()
+        self.metrics.update_log_version.set(0)
+        self.caught_up = False  # not ready until the new editor's versions are read
+        self.accepting, self.refused, self.log_version = True, None, None
+        if self.on_version is not None:
+            self.on_version()
+        log.warning(
+            "update log taken over by editor store %s (was %s): dropped versions %s; "
+            "rebuilding from the base with the new editor's versions",
+            item.editor or "without an id",
+            previous or "without an id",
+            dropped,
+        )
+
+    def _save(self) -> None:
+        state = {
+            "topic": self.kafka.updates_topic,
+            "offset": self.position,
+            "editor": self.editor,
+            "superseded": sorted("" if e is None else e for e in self.superseded),
+            "took_over": self.took_over,
+        }
+        durable.write_bytes(self.position_file, json.dumps(state).encode())
+
+    def _read_saved(self) -> dict[str, Any]:
         try:
             saved = json.loads(self.position_file.read_text())
         except FileNotFoundError:
-            return 0
+            return {}
         except ValueError:
             log.warning(
                 "%s is unreadable; reading the update log from its start", self.position_file
             )
-            return 0
-        if saved.get("topic") != self.kafka.updates_topic:
-            return 0
-        return int(saved.get("offset", 0))
+            return {}
+        if not isinstance(saved, dict) or saved.get("topic") != self.kafka.updates_topic:
+            return {}
+        return saved
 
     def status(self) -> dict[str, Any]:
         return {
@@ -205,6 +310,8 @@ class Follower:
             "log_version": self.log_version,
             "accepting_versions": self.accepting,
             "refused": self.refused,
+            "editor": self.editor,
+            "took_over": self.took_over,
         }
 
 
@@ -221,6 +328,7 @@ class ReplicaService(Serving):
 
         model.on_change = changed
         metrics.model_version.set(model.current)
+        self.refresh_capacity()
 
     def is_ready(self) -> bool:
         return self._fatal is None and self.follower is not None and self.follower.caught_up
@@ -232,6 +340,8 @@ class ReplicaService(Serving):
             "lag_records": f.lag if f else None,
             "accepting_versions": f.accepting if f else False,
             "why": (f.refused or {}).get("why") if f and not f.accepting else None,
+            "editor": f.editor if f else None,
+            "took_over": f.took_over if f else None,
         }
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
@@ -244,7 +354,6 @@ class ReplicaService(Serving):
         raise Conflict(NOT_HERE.format(what="consolidate"))
 
     def metrics_payload(self) -> bytes:
-        self.export_capacity()
         return generate_latest(self.metrics.registry)
 
     def status(self) -> dict[str, Any]:
@@ -270,6 +379,7 @@ def serve_replica(
 ) -> int:
     """The replica's part of `editd run` (main.run has bound HTTP and installed the signals)."""
     from editd.daemon.main import (
+        EXIT_DISK_FULL,
         EXIT_FATAL,
         EXIT_KAFKA,
         EXIT_OK,
@@ -299,7 +409,14 @@ def serve_replica(
         return exc.code
     stack.callback(model.close)
     service = ReplicaService(settings, model, metrics)
-    follower = Follower(model, servers, settings, metrics, on_fatal=service.on_fatal)
+    follower = Follower(
+        model,
+        servers,
+        settings,
+        metrics,
+        on_fatal=service.on_fatal,
+        on_version=service.refresh_capacity,
+    )
     service.follower = follower
     proxy.target = service
     stoppers.append(follower)
@@ -312,6 +429,8 @@ def serve_replica(
         ",".join(servers),
     )
     follower.run()
+    if follower.disk_full is not None:
+        return EXIT_DISK_FULL
     if service.fatal:
         log.error("stopped: %s", service.fatal)
         return EXIT_FATAL

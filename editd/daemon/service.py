@@ -21,6 +21,7 @@ ids make the replay a no-op.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -129,7 +130,6 @@ class EditService(Serving):
             settings.kafka.rejected,
             options=client_options(settings.kafka),
         )
-        self._exported: dict[str, int] = {}
         self._last_rollback: dict[str, Any] | None = None
         self._editing: dict[str, Any] | None = None  # the batch being edited, for /v1/status
         self._stats: dict[str, Any] = {"ready": self.editor.prepared, "seconds": None}
@@ -140,7 +140,13 @@ class EditService(Serving):
             state_file=model.store.root / UPDATE_LOG_STATE,
             chunk_bytes=settings.kafka.update_chunk_bytes,
             options=client_options(settings.kafka),
+            editor_id=model.store.store_id,
+            take_over=settings.kafka.take_over_updates_log,
+            on_published=metrics.update_log_version.set,
+            on_taken=lambda exc: self.on_update_log_taken(exc),
         )
+        self.update_log_hook: Callable[[Exception], None] | None = None  # the daemon stops
+        self.disk_full: OSError | None = None  # the error that stopped the daemon, if any
 
         def changed(version: int) -> None:
             # Under the model's write lock, with the swap itself: the gauge moves with the
@@ -151,6 +157,7 @@ class EditService(Serving):
 
         model.on_change = changed
         metrics.model_version.set(model.current)
+        self.refresh_capacity()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -206,34 +213,27 @@ class EditService(Serving):
         except Busy as exc:
             raise Conflict(str(exc)) from exc
         self.metrics.rollbacks.labels(reason="operator").inc()
+        self.refresh_capacity()
         if self.evaluator is not None:
             self.evaluator.rolled_back(version)
         return result
 
     def metrics_payload(self) -> bytes:
-        self.export_consumer_stats()
-        self.export_capacity()
+        # Nothing is computed here: every gauge is set when its value changes, and the
+        # consumer's counters are read as plain numbers (Metrics.read_consumer), so a scrape
+        # never waits on an edit.
         return generate_latest(self.metrics.registry)
 
-    def export_consumer_stats(self) -> None:
-        """Carry the consumer's plain counters (it knows no Prometheus) into the metrics."""
-        if self.updates.published is not None:
-            self.metrics.update_log_version.set(self.updates.published)
-        lag = self.consumer_lag() if self.consumer_lag else None
-        if lag is not None:
-            self.metrics.consumer_lag.set(lag)
-        stats = self.consumer_stats
-        if stats is None:
-            return
-        for field, counter in (
-            ("consumed", self.metrics.facts_consumed),
-            ("dead_lettered", self.metrics.facts_dead_lettered),
-            ("folded", self.metrics.facts_folded),
-            ("broker_errors", self.metrics.broker_errors),
-        ):
-            now = getattr(stats, field)
-            counter.inc(max(0, now - self._exported.get(field, 0)))
-            self._exported[field] = now
+    def attach_consumer(self, stats: Any, lag: Callable[[], int | None]) -> None:
+        """The fact consumer's counters and lag, for `/v1/status` and the metrics."""
+        self.consumer_stats, self.consumer_lag = stats, lag
+        self.metrics.read_consumer(stats, lag)
+
+    def on_update_log_taken(self, exc: Exception) -> None:
+        """Another editor took the update log over: this one stops (its replicas follow the
+        other); the daemon exits with EXIT_UPDATE_LOG_TAKEN."""
+        if self.update_log_hook is not None:
+            self.update_log_hook(exc)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -299,8 +299,21 @@ class EditService(Serving):
         except FatalError as exc:
             self.on_fatal(exc)
             raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The version was not committed (the store removes its temp files on the next
+                # open); the batch is not acknowledged and is applied after a restart.
+                self.disk_full = exc
+                log.critical(
+                    "the data dir %s is full (%s): stopping; free space and restart, and the "
+                    "batch is applied then",
+                    self.model.store.root,
+                    exc.strerror,
+                )
+            raise
         finally:
             self._editing = None
+        self.refresh_capacity()
 
     def _apply_locked(self, facts: list[FactUpdate], offsets: dict[Any, int]) -> None:
         log.info("editing batch of %d facts", len(facts))
@@ -368,6 +381,7 @@ class EditService(Serving):
                 result = self._consolidate_locked("operator")
         except Busy as exc:
             raise Conflict(str(exc)) from exc
+        self.refresh_capacity()
         if result is None:
             raise Unavailable(
                 "the consolidation failed (the log says why); the sequential "
@@ -441,6 +455,7 @@ class EditService(Serving):
         except FatalError as exc:
             self.on_fatal(exc)
             raise
+        self.refresh_capacity()
 
     def _rollback_locked(self, version: int, reason: str) -> dict[str, Any]:
         # No "not ready" window: the swap is atomic under the write lock, so requests served

@@ -5,6 +5,7 @@ the fatal state that turns `/readyz` to 503."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from editd.config import Settings
@@ -27,6 +28,7 @@ class Serving:
         self._fatal: FatalError | None = None
         self.generator = Generator(self.handle, self.current_version)
         self._capacity_version: int | None = None
+        self._capacity_lock = threading.Lock()  # two changers never interleave their gauges
         self.handle.gate_counter.listener = self._count_gate
         self.gauge_memory()
 
@@ -79,17 +81,25 @@ class Serving:
     def versions(self) -> list[dict[str, Any]]:
         return self.model.versions()
 
-    def export_capacity(self) -> None:
-        """The served version's norm growth per edited module, once per version (at scrape
-        time: the weights' norms cost a pass over the deltas, not worth holding a swap for)."""
-        version = self.model.current
-        if version == self._capacity_version:
-            return
-        rows = self.model.capacity()
-        for name in self.model.store.base():
-            ratio = rows.get(name, {}).get("norm_ratio", 0.0)  # untouched: the base's
-            self.metrics.update_norm_ratio.labels(module=name).set(ratio)
-        self._capacity_version = version
+    def refresh_capacity(self) -> None:
+        """Set the served version's norm growth per edited module; called by the thread that
+        changed the version, after it let go of the version lock, never at scrape time: a
+        scrape must not wait on an edit (Prometheus gives up after its scrape timeout and
+        `EditdDown` fires while editd works normally)."""
+        with self._capacity_lock:
+            version = self.model.current
+            if version == self._capacity_version:
+                return
+            try:
+                rows = self.model.capacity()
+            except Exception:
+                # A gauge is not worth a failed edit or rollback; the next version tries again.
+                log.exception("could not compute the capacity gauges of version %d", version)
+                return
+            for name in self.model.store.base():
+                ratio = rows.get(name, {}).get("norm_ratio", 0.0)  # untouched: the base's
+                self.metrics.update_norm_ratio.labels(module=name).set(ratio)
+            self._capacity_version = version
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.metrics.observe_request(route, status, seconds)

@@ -12,9 +12,13 @@ The dashboard (`deploy/grafana/dashboards/editd.json`) and the alert rules
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from editd.config import SCORE_NAMES
 
@@ -58,6 +62,43 @@ class ScoreSet(Protocol):
     def s(self) -> float: ...
 
 
+class SnapshotCounter(Collector):
+    """A counter kept as a plain number by a component that knows no Prometheus (the fact
+    consumer's `ConsumerStats`), read at scrape time without any application lock: `source`
+    returns it, and `inc` adds to it here (tests, or a process without a consumer).
+
+    Copying such numbers into a `Counter` by delta at scrape time was wrong twice: the copy
+    ran inside the scrape, and two concurrent scrapes could both add the same delta."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        *,
+        namespace: str = NAMESPACE,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = f"{namespace}_{name}"
+        self.documentation = documentation
+        self.source: Callable[[], float] | None = None
+        self._own = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        with self._lock:
+            self._own += amount
+
+    def describe(self) -> Iterator[Any]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[Any]:
+        value = self._own + (float(self.source()) if self.source is not None else 0.0)
+        yield CounterMetricFamily(self.name, self.documentation, value=value)
+
+
 def status_class(status_code: int) -> str:
     """`404` -> `"4xx"`: the `status` label keeps five values whatever the server answers."""
     return f"{max(1, min(5, status_code // 100))}xx"
@@ -72,13 +113,13 @@ class Metrics:
         r = self.registry
 
         # Ingestion (consumers/).
-        self.facts_consumed = Counter(
+        self.facts_consumed = SnapshotCounter(
             "facts_consumed",
             "Fact records read from the fact topic, valid or not.",
             namespace=NAMESPACE,
             registry=r,
         )
-        self.facts_dead_lettered = Counter(
+        self.facts_dead_lettered = SnapshotCounter(
             "facts_dead_lettered",
             "Records that failed validation and went to the dead-letter topic.",
             namespace=NAMESPACE,
@@ -96,14 +137,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.facts_folded = Counter(
+        self.facts_folded = SnapshotCounter(
             "facts_folded",
             "Facts replaced by a later duplicate (same id, or same subject and prompt) before "
             "being applied.",
             namespace=NAMESPACE,
             registry=r,
         )
-        self.broker_errors = Counter(
+        self.broker_errors = SnapshotCounter(
             "broker_errors",
             "Failed Kafka operations the consumer retried: connects, polls, commits, "
             "dead-letter sends, client rebuilds.",
@@ -128,6 +169,13 @@ class Metrics:
         self.update_log_lag = Gauge(
             "update_log_lag_records",
             "Replica: update-log records after the last one it read (0: caught up).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.update_log_takeovers = Counter(
+            "update_log_takeovers",
+            "Replica: times another editor took the update log over; each time the replica "
+            "dropped the old editor's versions and rebuilt from the base with the new one's.",
             namespace=NAMESPACE,
             registry=r,
         )
@@ -348,6 +396,15 @@ class Metrics:
         for trigger in ("schedule", "operator"):
             for outcome in ("applied", "failed"):
                 self.consolidations.labels(trigger=trigger, outcome=outcome)
+
+    def read_consumer(self, stats: Any, lag: Callable[[], int | None]) -> None:
+        """Export the fact consumer's own counters (plain ints in its `ConsumerStats`) and
+        its lag, read at scrape time without a lock and without copying."""
+        self.facts_consumed.source = lambda: stats.consumed
+        self.facts_dead_lettered.source = lambda: stats.dead_lettered
+        self.facts_folded.source = lambda: stats.folded
+        self.broker_errors.source = lambda: stats.broker_errors
+        self.consumer_lag.set_function(lambda: lag() or 0)
 
     def observe_request(self, route: str, status_code: int, seconds: float) -> None:
         """`route` is the route template (`/v1/completions`), never the raw URL."""

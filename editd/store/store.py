@@ -4,6 +4,7 @@ Layout under `data_dir` (DESIGN.md §4):
 
     CURRENT                          the live version number; moving it is the commit point
     LOCK                             flock'ed by the one process that writes (the daemon)
+    IDENTITY                         the store's id (store/identity.py), made with the store
     base/base.safetensors            base values of the edited tensors, exact dtype, kept once
     versions/000000/manifest.json    version 0: the base model (sha256 of its tensors)
     versions/000007/update.safetensors   `<module>.left|right|keys`, float32
@@ -56,6 +57,7 @@ from safetensors.torch import save_file
 from editd import durable
 from editd.lowrank import EditUpdate, LayerUpdate, accumulate, served_weight, tensor_sha256
 from editd.memory import GATE_KEYS, MEMORY_SHA256, PROJECTION, Block, Gate, GatedMemory
+from editd.store import identity
 from editd.store.outbox import Outbox, Rejected, version_record_id
 from editd.store.version import FORMAT, Undo, Version, VersionState, now
 
@@ -132,6 +134,7 @@ class EditStore:
         self.outbox = Outbox(self.root / "outbox")
         self._base: dict[str, torch.Tensor] | None = None
         self._base_meta: dict[str, dict[str, Any]] = {}
+        self.store_id: str | None = None  # store/identity.py; None only for an old read-only one
         # D of one version (normally the head), so a commit adds one product, not a replay.
         self._delta_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         # The gated memory of one version (normally the head), for the same reason.
@@ -195,6 +198,7 @@ class EditStore:
                 sha256={name: m["sha256"] for name, m in meta.items()},
             )
             self._write_version_dir(0, manifest, update=None)
+            self.store_id = identity.ensure(self.root)
             durable.write_bytes(self.root / "CURRENT", b"0\n")
             self._opened = True
             self._base, self._base_meta = tensors, meta
@@ -218,6 +222,7 @@ class EditStore:
                     self._check_base(base)
                 if not self.readonly:
                     self._remove_temporaries()
+                self.store_id = self._identity()
                 self._base = None
                 self._load_manifests()
             except BaseException:
@@ -659,6 +664,42 @@ class EditStore:
                 self._delta_cache = None
             return undone
 
+    def reset_to_base(self) -> list[int]:
+        """Forget every version after the base: a replica whose editor's log was taken over
+        by another editor (consumers/updates.py) rebuilds that editor's lineage from here,
+        under the same numbers. Returns the versions dropped.
+
+        `CURRENT` moves to 0 first; a crash before the directories are gone leaves versions
+        that a replayed takeover record drops again (open keeps undone ones, so they must go)."""
+        with self._lock:
+            self._require_writable()
+            dropped = sorted(v for v in self._manifests if v > 0)
+            durable.write_bytes(self.root / "CURRENT", b"0\n")
+            self._current = 0
+            for v in dropped:
+                durable.remove(self._version_dir(v))
+            if self._snapshots_dir.is_dir():
+                for path in self._snapshots_dir.iterdir():
+                    durable.remove(path)
+                durable.fsync_dir(self._snapshots_dir)
+            durable.fsync_dir(self._versions_dir)
+            self._manifests = {0: self._manifests[0]}
+            self._max_version = 0
+            self._delta_cache = (0, {})
+            self._memory_cache = (0, GatedMemory())
+            if dropped:
+                log.warning("dropped versions %s: back to the base", dropped)
+            return dropped
+
+    def _identity(self) -> str | None:
+        # An older store gets its id on its first writable open; a reader only reads it.
+        try:
+            if self.readonly:
+                return identity.read(self.root)
+            return identity.ensure(self.root)
+        except identity.IdentityError as exc:
+            raise StoreCorrupt(str(exc)) from exc
+
     def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
         """Store an evaluation's scores in a version's manifest (atomically replaced)."""
         with self._lock:
@@ -965,11 +1006,16 @@ class EditStore:
         tmp = self._versions_dir / f".tmp-{version:06d}-{os.getpid()}"
         durable.remove(tmp)
         tmp.mkdir()
-        if update is not None:
-            save_file(update, tmp / _UPDATE_FILE, metadata={"format": str(FORMAT)})
-            durable.fsync_file(tmp / _UPDATE_FILE)
-        durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest.to_manifest()))
-        durable.fsync_dir(tmp)
+        try:
+            if update is not None:
+                _save_file(update, tmp / _UPDATE_FILE, {"format": str(FORMAT)})
+                durable.fsync_file(tmp / _UPDATE_FILE)
+            durable.write_plain(tmp / _MANIFEST_FILE, _dump(manifest.to_manifest()))
+            durable.fsync_dir(tmp)
+        except BaseException:
+            # A full disk, most likely: give the space back now rather than at the next open.
+            durable.remove(tmp)
+            raise
         os.replace(tmp, final)
         durable.fsync_dir(self._versions_dir)
 
@@ -1080,7 +1126,21 @@ def _advance(
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    durable.write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    durable.write_with(path, lambda tmp: _save_file(tensors, tmp, meta))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """safetensors' `save_file`, its I/O errors raised as `OSError` with their errno: it
+    raises its own error type, and a full disk (ENOSPC) must stop the daemon with its exit
+    code, not pass for a failed batch."""
+    try:
+        save_file(tensors, path, metadata=meta)
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None or isinstance(exc, OSError):
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 # ---------------------------------------------------------------------- values
