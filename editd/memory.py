@@ -29,6 +29,7 @@ so re-deciding there would let a write open or close its own gate.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import threading
@@ -95,6 +96,23 @@ class Block:
     ]  # name → (left (d_out, k), right (k, d_in))
     gate: Gate
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """sha256 of everything the block serves: its version, gate (module, τ, the
+        projection's own digest, keys) and factors. Computed once per block object."""
+        h = hashlib.sha256()
+        h.update(struct.pack("<q", self.version))
+        h.update(self.gate.module.encode())
+        h.update(struct.pack("<d", float(self.gate.threshold)))
+        h.update(projection_digest(self.gate.projection).encode())
+        _hash_tensor(h, self.gate.keys)
+        for name in sorted(self.layers):
+            left, right = self.layers[name]
+            h.update(name.encode())
+            _hash_tensor(h, left)
+            _hash_tensor(h, right)
+        return h.digest()
+
 
 @dataclass(frozen=True)
 class GatedMemory:
@@ -112,19 +130,12 @@ class GatedMemory:
         What a gated version's manifest records beside the (unchanged) weights' sha256, and
         what a restore, a rollback and a replica check what they serve against.
         """
-        h = hashlib.sha256(b"editd-gated-memory/1")
+        # A chain over the blocks' digests: a block shared with the parent version (the store
+        # keeps the same objects) is hashed once, so a commit hashes only its own block.
+        chain = hashlib.sha256(b"editd-gated-memory/2").digest()
         for block in self.blocks:
-            h.update(struct.pack("<q", block.version))
-            h.update(block.gate.module.encode())
-            h.update(struct.pack("<d", float(block.gate.threshold)))
-            _hash_tensor(h, block.gate.projection)
-            _hash_tensor(h, block.gate.keys)
-            for name in sorted(block.layers):
-                left, right = block.layers[name]
-                h.update(name.encode())
-                _hash_tensor(h, left)
-                _hash_tensor(h, right)
-        return h.hexdigest()
+            chain = hashlib.sha256(chain + block.digest).digest()
+        return chain.hex()
 
     def bytes(self) -> int:
         """Bytes of tensors the memory holds (what it costs to keep, per process)."""
@@ -140,6 +151,13 @@ class GatedMemory:
 
 
 MEMORY_SHA256 = "gated-memory"  # the manifest's sha256 entry for a gated version's memory
+
+
+def projection_digest(projection: torch.Tensor) -> str:
+    """sha256 hex of a projection's shape and bytes; names its file in an edit store."""
+    h = hashlib.sha256()
+    _hash_tensor(h, projection)
+    return h.hexdigest()
 
 
 def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:

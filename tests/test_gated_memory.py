@@ -183,6 +183,8 @@ def test_a_gated_version_changes_its_own_text_and_leaves_other_text_bit_for_bit(
 
         v2 = model.apply(gated_update(handle, other_text, 3, seed=2), facts(2)).version
         assert v2.sha256[MEMORY_SHA256] != v1.sha256[MEMORY_SHA256]
+        # Both versions use one projection: the store keeps one file of it.
+        assert len(list((tmp_path / "store" / "gates").iterdir())) == 1
         model.rollback(1, "test")
         assert model.served_sha256() == v1.sha256
         assert torch.equal(handle.model(input_ids=other_text).logits, base_logits["other"])

@@ -11,6 +11,9 @@ Layout under `data_dir` (DESIGN.md §4):
     versions/000007/manifest.json    a `Version` (store/version.py): parent, facts, offsets,
                                      timings, diagnostics, state, sha256, scores
     snapshots/000010.safetensors     accumulated float32 update D_v every `snapshot_every` versions
+    gates/<sha256>.safetensors       a gated memory's projection (editd.memory), once per store;
+                                     a gated version's update file adds `_gate.facts`, its
+                                     manifest a `gate` record naming the projection
     outbox/                          facts never to be served, until published (store/outbox.py)
 
 The set of edited modules is fixed when the store is created: every manifest then fingerprints
@@ -38,7 +41,6 @@ Nothing is ever unpickled: tensors are safetensors, metadata is JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import logging
@@ -56,7 +58,15 @@ from safetensors.torch import save_file
 
 from editd import durable
 from editd.lowrank import EditUpdate, LayerUpdate, accumulate, served_weight, tensor_sha256
-from editd.memory import GATE_KEYS, MEMORY_SHA256, PROJECTION, Block, Gate, GatedMemory
+from editd.memory import (
+    GATE_KEYS,
+    MEMORY_SHA256,
+    PROJECTION,
+    Block,
+    Gate,
+    GatedMemory,
+    projection_digest,
+)
 from editd.store import identity
 from editd.store.outbox import Outbox, Rejected, version_record_id
 from editd.store.version import FORMAT, Undo, Version, VersionState, now
@@ -150,6 +160,10 @@ class EditStore:
     @property
     def _snapshots_dir(self) -> Path:
         return self.root / "snapshots"
+
+    @property
+    def _gates_dir(self) -> Path:
+        return self.root / "gates"
 
     @property
     def _base_file(self) -> Path:
@@ -432,11 +446,17 @@ class EditStore:
                 return {}
             parts = ("left", "right", *_GATE_PARTS)
             update = self._read_update(version, parts=parts)
-            return {
+            out = {
                 f"{name}.{part}": update[part][name]
                 for part in parts
                 for name in sorted(update[part])
             }
+            gate = self._manifests[version].gate
+            if gate is not None:
+                # The log carries the projection with every version: a replica may start
+                # from any of them.
+                out[PROJECTION] = self._projection(gate, out.get(PROJECTION))
+            return out
 
     def base(self) -> dict[str, torch.Tensor]:
         """The base tensors (CPU, exact dtype). Treat as read-only."""
@@ -764,7 +784,13 @@ class EditStore:
                 )
 
     def _remove_temporaries(self) -> None:
-        dirs = (self.root, self._versions_dir, self._snapshots_dir, self._base_file.parent)
+        dirs = (
+            self.root,
+            self._versions_dir,
+            self._snapshots_dir,
+            self._base_file.parent,
+            self._gates_dir,
+        )
         for parent in (*dirs, self.outbox.root):
             if not parent.is_dir():
                 continue
@@ -906,7 +932,7 @@ class EditStore:
             raise ValueError(f"gate threshold {gate.threshold} is not in (0, 1]")
         tensors[PROJECTION] = proj
         tensors[GATE_KEYS] = gkeys
-        return tensors, modules, gate.record()
+        return tensors, modules, {**gate.record(), "projection": projection_digest(proj)}
 
     def _next_state(
         self,
@@ -939,19 +965,10 @@ class EditStore:
                 )
         else:
             new = previous
-            block = _block_of(version, tensors, modules, gate)
-            same = next(
-                (
-                    b.gate.projection
-                    for b in memory.blocks
-                    if b.gate.projection.shape == block.gate.projection.shape
-                    and torch.equal(b.gate.projection, block.gate.projection)
-                ),
-                None,
-            )
-            if same is not None:
-                gate_same = dataclasses.replace(block.gate, projection=same)
-                block = dataclasses.replace(block, gate=gate_same)
+            # One projection object per digest, so blocks share it (and its digest).
+            shared = dict(tensors)
+            shared[PROJECTION] = self._projections.get(gate["projection"], tensors[PROJECTION])
+            block = _block_of(version, shared, modules, gate)
             memory = GatedMemory((*memory.blocks, block))
         return new, memory, self._served_sha256(new, memory)
 
@@ -971,12 +988,32 @@ class EditStore:
     def _block(self, version: int) -> Block:
         update = self._read_update(version, parts=("left", "right", *_GATE_PARTS))
         tensors = {f"{n}.{p}": t for p, by in update.items() for n, t in by.items()}
-        # Every version of a store normally carries the same projection: keep one copy.
-        digest = tensor_sha256(tensors[PROJECTION])
-        tensors[PROJECTION] = self._projections.setdefault(digest, tensors[PROJECTION])
         m = self._manifests[version]
         assert m.gate is not None
+        tensors[PROJECTION] = self._projection(m.gate, tensors.get(PROJECTION))
         return _block_of(version, tensors, m.modules, m.gate)
+
+    def _projection(self, gate: Mapping[str, Any], inline: torch.Tensor | None) -> torch.Tensor:
+        """A gated version's projection: one copy per store (`gates/<digest>`), shared by
+        every version that uses it, in memory too."""
+        digest = gate.get("projection")
+        if digest is None:  # written before projections had files of their own
+            assert inline is not None
+            return self._projections.setdefault(projection_digest(inline), inline)
+        if digest not in self._projections:
+            path = self._gates_dir / f"{digest}.safetensors"
+            try:
+                with safe_open(path, framework="pt") as f:
+                    self._projections[digest] = f.get_tensor("projection")
+            except OSError as exc:
+                raise StoreCorrupt(f"cannot read the gate projection {path}: {exc}") from exc
+        return self._projections[digest]
+
+    def _keep_projection(self, digest: str, projection: torch.Tensor) -> None:
+        path = self._gates_dir / f"{digest}.safetensors"
+        if not path.is_file():
+            _write_safetensors(path, {"projection": projection.contiguous()}, {"format": "1"})
+        self._projections.setdefault(digest, projection)
 
     def _keep(
         self,
@@ -987,6 +1024,10 @@ class EditStore:
     ) -> None:
         """Write a version durably (not yet live) and remember its D_v; snapshot on schedule."""
         v = manifest.version
+        if manifest.gate is not None and PROJECTION in tensors:
+            # Before the version that needs it; a crash in between leaves a spare file.
+            self._keep_projection(manifest.gate["projection"], tensors[PROJECTION])
+            tensors = {k: t for k, t in tensors.items() if k != PROJECTION}
         self._write_version_dir(v, manifest, update=tensors)
         self._manifests[v] = manifest
         self._max_version = max(self._max_version, v)
