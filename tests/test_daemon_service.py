@@ -363,3 +363,71 @@ def test_an_exact_re_solve_keeps_what_each_fact_realised_and_a_soft_one_shrinks_
     # soft re-solve left 15-22 % of the realised targets unrealised at 200 facts).
     soft = min(left_unrealised(0.1))
     assert exact < 1e-9 and soft > 100 * exact
+
+
+@pytest.mark.broker
+def test_a_bug_stops_the_consumer_uncommitted_and_the_restart_applies_the_batch(
+    model_dir: Path, tmp_path: Path, broker
+) -> None:
+    import time
+    import uuid
+
+    from kafka_support import committed
+
+    from editd.config import FactLimits, KafkaSettings
+    from editd.consumers.broker import ensure_topics
+    from editd.consumers.consumer import Backoff, BatchFailed, FactConsumer
+    from editd.consumers.publish import publish_facts
+
+    servers = broker.bootstrap_servers
+    topic = f"facts-{uuid.uuid4().hex[:10]}"
+    ensure_topics(servers, [topic, f"{topic}.dlq"], replication_factor=1)
+    facts = make_requests(3, seed=40)
+    publish_facts(facts, servers, topic)
+    kafka = KafkaSettings(
+        topic=topic,
+        group_id=f"group-{topic}",
+        batch_size=3,
+        linger_seconds=0.5,
+        session_timeout_ms=4000,  # Tansu joins a group after about half of it
+    )
+
+    def consumer(service: EditService) -> FactConsumer:
+        return FactConsumer(
+            kafka,
+            FactLimits(),
+            service.apply_batch,
+            service.known_fact_ids,
+            bootstrap_servers=servers,
+            backoff=Backoff(initial=0.2, maximum=2.0),
+        )
+
+    first = _service(model_dir, tmp_path, servers)
+    try:
+        editor = first.editor
+        assert isinstance(editor, FlakyEditor)
+        editor.bug = IndexError("index 7 is out of bounds for dimension 0 with size 3")
+        with pytest.raises(BatchFailed, match="IndexError"):
+            consumer(first).run()
+        # What `editd run` exits with on a BatchFailed that is not fatal: EXIT_FAILURE.
+        assert first.fatal is None and first.disk_full is None
+        assert first.model.store.outbox.pending() == []
+        assert committed(servers, kafka.group_id, topic) in (None, 0)
+    finally:
+        first.model.close()
+
+    second = _service(model_dir, tmp_path, servers)
+    again = consumer(second)
+    thread = threading.Thread(target=again.run, name="fact-consumer")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while committed(servers, kafka.group_id, topic) != 3:
+            assert time.monotonic() < deadline, f"not committed; stats: {again.stats}"
+            threading.Event().wait(0.1)
+        assert second.model.applied_fact_ids() == {f.fact_id for f in facts}
+        assert second.model.store.outbox.pending() == []
+    finally:
+        again.stop()
+        thread.join(30)
+        second.model.close()
