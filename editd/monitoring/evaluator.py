@@ -15,8 +15,8 @@ at a time, missed runs coalesced), and on request: after each new version (`reco
 and synchronously for `editd eval` (`evaluate`). A scheduled run scores only where something
 can have changed: it is skipped (`editd_evaluations_total{outcome="skipped"}`) when the served
 version is the one the last evaluation scored, that evaluation passed, and the applied-fact
-sample has not changed since it was read. Scoring the same weights on the same facts gives the
-same verdict, and on SmolLM2 it cost 21-37 s of two CPU cores every minute of an idle daemon.
+sample has not changed since it was read: scoring the same weights on the same facts gives the
+same verdict, and costs as much as any evaluation (README has the figure for SmolLM2).
 A failed last evaluation is scored again: the failing streak (`failures_before_rollback`) and
 the retry of a rollback that failed both need it. Requested runs (`trigger`, `evaluate`) always
 score.
