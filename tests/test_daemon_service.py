@@ -18,6 +18,7 @@ from editd.config import Settings
 from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.service import DeviceError, EditService, is_device_error
 from editd.editing.editor import Editor, EditorConfig
+from editd.editing.errors import NonFiniteUpdate
 from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus
 from editd.editing.targets import TargetConfig
@@ -35,6 +36,7 @@ class FlakyEditor(Editor):
     oom_above: int | None = None  # batches larger than this run out of memory
     poison: str | None = None  # a batch holding this fact id fails as a bad edit
     device_error: bool = False
+    bug: Exception | None = None  # raised from inside the edit, as a bug in it would be
     sizes: list[int]
 
     def compute_update(self, batch):  # type: ignore[override]
@@ -44,7 +46,9 @@ class FlakyEditor(Editor):
         if self.oom_above is not None and len(batch) > self.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self.poison is not None and any(f.fact_id == self.poison for f in batch):
-            raise ValueError("target optimisation produced NaN")
+            raise NonFiniteUpdate("target optimisation produced NaN")
+        if self.bug is not None:
+            raise self.bug
         return super().compute_update(batch)
 
     def consolidate(self, keys, targets, current):  # type: ignore[override]
@@ -121,6 +125,68 @@ def test_a_device_error_is_fatal_not_a_poison_batch(service: EditService) -> Non
     assert not service.is_ready()
     assert is_device_error(torch.OutOfMemoryError("x"))
     assert not is_device_error(ValueError("target optimisation produced NaN"))
+
+
+def test_device_errors_are_told_by_type_and_by_text_only_where_torch_has_no_type() -> None:
+    if hasattr(torch, "AcceleratorError"):  # torch ≥ 2.8
+        assert is_device_error(torch.AcceleratorError("an illegal memory access"))
+    # cuBLAS failures are plain RuntimeErrors even in torch 2.13.
+    assert is_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling gemm"))
+    assert not is_device_error(ValueError("the prompt quotes 'CUDA error' and is fine"))
+    assert not is_device_error(torch.linalg.LinAlgError("not positive-definite"))
+    assert not is_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+BUGS = [
+    TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'"),
+    IndexError("index 7 is out of bounds for dimension 0 with size 3"),
+    torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed"),
+    RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x64 and 32x64)"),
+]
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=lambda e: type(e).__name__)
+def test_a_bug_inside_an_edit_rejects_nothing_and_the_next_run_applies_the_batch(
+    model_dir: Path, tmp_path: Path, bug: Exception
+) -> None:
+    facts = make_requests(3, seed=8)
+    first = _service(model_dir, tmp_path, ["127.0.0.1:9"])
+    try:
+        editor = first.editor
+        assert isinstance(editor, FlakyEditor)
+        editor.bug = bug
+        with pytest.raises(type(bug)) as raised:
+            first.apply_batch(facts)
+        assert raised.value is bug  # propagated as it is: the consumer does not commit
+        assert first.model.store.outbox.pending() == []
+        assert first.metrics.registry.get_sample_value("editd_facts_rejected_total") == 0
+        assert _versions(first) == []
+        # Not fatal (the served model was only read): the daemon exits EXIT_FAILURE, not 7.
+        assert first.fatal is None and first.is_ready()
+    finally:
+        first.model.close()
+    # The restart: the same data dir, the batch delivered again, and this time it is edited.
+    second = _service(model_dir, tmp_path, ["127.0.0.1:9"])
+    try:
+        assert second.known_fact_ids([f.fact_id for f in facts]) == set()
+        second.apply_batch(facts)
+        assert _versions(second) == [(1, 3)]
+        assert second.model.store.outbox.pending() == []
+    finally:
+        second.model.close()
+
+
+def test_a_refused_update_goes_to_the_outbox(service: EditService) -> None:
+    # The real editor's own refusal: an update larger than a (tiny) limit × the weight.
+    editor = service.editor
+    editor.config = dataclasses.replace(editor.config, max_update_ratio=1e-9)
+    facts = make_requests(2, seed=9)
+    service.apply_batch(facts)  # returns: the consumer may commit past it
+    [record] = service.model.store.outbox.pending()
+    assert record.kind == "edit_failed"
+    assert [f["id"] for f in record.facts] == [f.fact_id for f in facts]
+    assert "max_update_ratio" in record.reason
+    assert _versions(service) == [] and service.is_ready()
 
 
 def test_a_poison_batch_goes_to_the_outbox_and_the_next_batch_is_applied(
@@ -297,3 +363,71 @@ def test_an_exact_re_solve_keeps_what_each_fact_realised_and_a_soft_one_shrinks_
     # soft re-solve left 15-22 % of the realised targets unrealised at 200 facts).
     soft = min(left_unrealised(0.1))
     assert exact < 1e-9 and soft > 100 * exact
+
+
+@pytest.mark.broker
+def test_a_bug_stops_the_consumer_uncommitted_and_the_restart_applies_the_batch(
+    model_dir: Path, tmp_path: Path, broker
+) -> None:
+    import time
+    import uuid
+
+    from kafka_support import committed
+
+    from editd.config import FactLimits, KafkaSettings
+    from editd.consumers.broker import ensure_topics
+    from editd.consumers.consumer import Backoff, BatchFailed, FactConsumer
+    from editd.consumers.publish import publish_facts
+
+    servers = broker.bootstrap_servers
+    topic = f"facts-{uuid.uuid4().hex[:10]}"
+    ensure_topics(servers, [topic, f"{topic}.dlq"], replication_factor=1)
+    facts = make_requests(3, seed=40)
+    publish_facts(facts, servers, topic)
+    kafka = KafkaSettings(
+        topic=topic,
+        group_id=f"group-{topic}",
+        batch_size=3,
+        linger_seconds=0.5,
+        session_timeout_ms=4000,  # Tansu joins a group after about half of it
+    )
+
+    def consumer(service: EditService) -> FactConsumer:
+        return FactConsumer(
+            kafka,
+            FactLimits(),
+            service.apply_batch,
+            service.known_fact_ids,
+            bootstrap_servers=servers,
+            backoff=Backoff(initial=0.2, maximum=2.0),
+        )
+
+    first = _service(model_dir, tmp_path, servers)
+    try:
+        editor = first.editor
+        assert isinstance(editor, FlakyEditor)
+        editor.bug = IndexError("index 7 is out of bounds for dimension 0 with size 3")
+        with pytest.raises(BatchFailed, match="IndexError"):
+            consumer(first).run()
+        # What `editd run` exits with on a BatchFailed that is not fatal: EXIT_FAILURE.
+        assert first.fatal is None and first.disk_full is None
+        assert first.model.store.outbox.pending() == []
+        assert committed(servers, kafka.group_id, topic) in (None, 0)
+    finally:
+        first.model.close()
+
+    second = _service(model_dir, tmp_path, servers)
+    again = consumer(second)
+    thread = threading.Thread(target=again.run, name="fact-consumer")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while committed(servers, kafka.group_id, topic) != 3:
+            assert time.monotonic() < deadline, f"not committed; stats: {again.stats}"
+            threading.Event().wait(0.1)
+        assert second.model.applied_fact_ids() == {f.fact_id for f in facts}
+        assert second.model.store.outbox.pending() == []
+    finally:
+        again.stop()
+        thread.join(30)
+        second.model.close()

@@ -319,17 +319,74 @@ def test_from_settings() -> None:
 # -- scheduling ----------------------------------------------------------------------------
 
 
-def test_scheduler_runs_at_start_then_every_interval() -> None:
-    model = Model({0: GOOD})
-    ev, metrics = make(model, interval_seconds=0.2)
+def test_scheduler_runs_at_start_then_scores_each_interval_only_what_changed() -> None:
+    model = Model({0: GOOD, 1: GOOD})
+    ev, metrics = make(model, interval_seconds=0.2, served_version=lambda: model.version)
+
+    def skipped() -> float:
+        value = metrics.registry.get_sample_value("editd_evaluations_total", {"outcome": "skipped"})
+        return value or 0.0
+
     before = set(threading.enumerate())
     with ev:
-        wait_for(lambda: len(model.calls) >= 3, timeout=5)
+        wait_for(lambda: skipped() >= 2, timeout=5)
+        assert [v for v, _, _ in model.calls] == [0]  # the immediate run only
+        model.version = 1
+        ev.record_version(1, facts("a", 2), evaluate=False)
+        wait_for(lambda: model.calls[-1][0] == 1, timeout=5)
+        then = skipped()
+        wait_for(lambda: skipped() >= then + 2, timeout=5)
     n = len(model.calls)
+    assert [v for v, _, _ in model.calls] == [0, 1]
     # Stopped: the scheduler's threads were joined, so nothing is left to call the scorer.
     assert set(threading.enumerate()) - before == set()
     assert len(model.calls) == n
     assert metrics.registry.get_sample_value("editd_evaluations_total", {"outcome": "passed"}) == n
+
+
+def test_two_scheduled_runs_on_an_unchanged_version_score_once() -> None:
+    model = Model({0: GOOD, 1: GOOD, 2: GOOD})
+    now = [100.0]
+    ev, metrics = make(model, served_version=lambda: model.version, clock=lambda: now[0])
+    assert ev.scheduled() is not None
+    now[0] = 160.0
+    assert ev.scheduled() is None
+    assert len(model.calls) == 1
+    get = metrics.registry.get_sample_value
+    assert get("editd_evaluations_total", {"outcome": "skipped"}) == 1
+    assert get("editd_evaluations_total", {"outcome": "passed"}) == 1
+    # The scores exported still describe the served version: not stale for the alert.
+    assert get("editd_last_evaluation_timestamp_seconds") == 160.0
+    assert ev.status()["skipped"] == 1
+    # An operator's `editd eval` scores whatever changed.
+    assert ev.evaluate().version == 0 and len(model.calls) == 2
+    # A version the evaluator was not told about is still seen through `served_version`.
+    model.version = 1
+    assert ev.scheduled() is not None and model.calls[-1][0] == 1
+    assert ev.scheduled() is None
+    # New facts in the sample are scored, on a new version or after a rollback.
+    model.version = 2
+    ev.record_version(2, facts("b", 2), evaluate=False)
+    assert ev.scheduled() is not None and model.calls[-1][:2] == (2, 2)
+    model.version = 1
+    ev.rolled_back(1)
+    assert ev.scheduled() is not None and model.calls[-1][:2] == (1, 0)
+    assert ev.scheduled() is None
+    assert get("editd_evaluations_total", {"outcome": "skipped"}) == 3
+
+
+def test_a_failing_version_is_scored_again_until_its_streak_rolls_it_back() -> None:
+    model = Model({0: GOOD, 1: GOOD, 2: BAD})
+    policy = Policy(applied=Thresholds(es=0.8), failures_before_rollback=3)
+    ev, _ = make(model, policy=policy, served_version=lambda: model.version)
+    model.version = 1
+    ev.record_version(1, facts("a", 2))
+    assert ev.scheduled() is not None
+    model.version = 2
+    ev.record_version(2, facts("b", 2))
+    for _ in range(3):
+        assert ev.scheduled() is not None  # unchanged, but its last evaluation failed
+    assert [v for v, _ in model.rollbacks] == [1]
 
 
 def test_after_each_version_triggers_an_evaluation_and_rolls_back_by_itself() -> None:

@@ -312,6 +312,7 @@ def _load(
             probe_facts=probes,
             baseline=Baseline(probe=base_scores.probe, canary=base_scores.canary),
             on_evaluation=service.record_evaluation,
+            served_version=lambda: model.current,
         )
         # The applied-fact sample as if the evaluator had run throughout, so thresholds hold
         # from the first evaluation after a restart; under the version lock, so no batch

@@ -6,10 +6,13 @@ HTTP API serves completions and admin calls through it (it implements `api.Servi
 version change goes through its `VersionedModel` (editd/versions.py), which owns the store, the
 served weights and the editor's preservation; this class decides what a failure means:
 
-- an edit that fails on the facts themselves (a target that cannot be reached, NaNs) rejects
-  the batch into the outbox, so the consumer moves on and nothing is lost;
+- an edit the facts themselves make impossible (`editd.editing.errors.Uneditable`: an answer
+  with no token of its own, an update out of all proportion, NaNs) rejects the batch into the
+  outbox, so the consumer moves on and nothing is lost; no other exception type rejects facts;
 - a batch that runs out of memory is split in halves; a device error, or out of memory on one
   fact, is fatal: the facts are fine, the device is not, and rejecting them would lose them;
+- any other error during an edit (a bug, a `LinAlgError`, a torch shape error) propagates: the
+  daemon stops with EXIT_FAILURE and replays the uncommitted batch after the restart;
 - a failed rollback (automatic or operator) is fatal: the daemon stops being ready and exits
   with a named code rather than serve weights nobody can vouch for.
 
@@ -38,6 +41,7 @@ from editd.consumers.security import client_options
 from editd.consumers.updates import UpdateLogPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.serving import Serving
+from editd.editing.errors import Uneditable
 from editd.editing.scoring import canary_accuracy, score_facts
 from editd.facts import FactUpdate
 from editd.monitoring.evaluator import Evaluator
@@ -281,7 +285,8 @@ class EditService(Serving):
 
     def apply_batch(self, batch: Sequence[FactUpdate]) -> None:
         """Edit, make durable, then serve; returns once the version (or the rejection) is on
-        disk. Raises `FatalError` (and stops being ready) when the device, not the batch, failed.
+        disk. Raises `FatalError` (and stops being ready) when the device, not the batch, failed,
+        and lets any error but `Uneditable` through: the batch is then not acknowledged.
         """
         try:
             with self.model.changing():
@@ -333,12 +338,17 @@ class EditService(Serving):
             self._apply_locked(facts[:half], offsets)
             self._apply_locked(facts[half:], offsets)
             return
-        except (ValueError, RuntimeError) as exc:
-            if is_device_error(exc):
-                raise DeviceError(f"the device failed while editing: {exc}") from exc
-            log.error("edit of %d facts failed: %s", len(facts), exc)
+        except Uneditable as exc:
+            log.error("edit of %d facts refused: %s", len(facts), exc)
             self._reject(facts, f"edit failed: {exc}")
             return
+        except Exception as exc:
+            if is_device_error(exc):
+                raise DeviceError(f"the device failed while editing: {exc}") from exc
+            # Not the facts' fault as far as anyone can tell (a bug, a LinAlgError, a shape
+            # error): rejecting them would lose valid facts. It stops the daemon (EXIT_FAILURE)
+            # with the batch uncommitted, so a restart replays it.
+            raise
         seconds = dict(update.diagnostics.get("seconds", {}))  # type: ignore[call-overload]
         applied = self.model.apply(
             update,
@@ -402,17 +412,19 @@ class EditService(Serving):
         self._editing = {"consolidating": len(self.model.applied_fact_ids()), "since": time.time()}
         try:
             applied = self.model.consolidate()
-        except (ValueError, RuntimeError) as exc:
+        except (torch.OutOfMemoryError, Uneditable) as exc:
             # Out of memory is not fatal here as it is for one fact: a solve over every live
             # fact needs more than a batch, and the sequential version it would replace is
-            # still good.
+            # still good. Anything else but a device error stops the daemon, as in an edit.
             if isinstance(exc, torch.OutOfMemoryError):
                 _free_device_memory()
-            elif is_device_error(exc):
-                raise DeviceError(f"the device failed while consolidating: {exc}") from exc
             log.error("consolidation failed; still serving the sequential update: %s", exc)
             self.metrics.consolidations.labels(trigger=trigger, outcome="failed").inc()
             return None
+        except Exception as exc:
+            if is_device_error(exc):
+                raise DeviceError(f"the device failed while consolidating: {exc}") from exc
+            raise
         finally:
             self._editing = editing
         if applied is None:
@@ -491,6 +503,16 @@ def _consumer_counts(stats: Any) -> dict[str, Any] | None:
     return out
 
 
+DEVICE_ERROR_TEXT = (
+    "CUDA error",
+    "device-side assert",
+    "CUBLAS_STATUS",
+    "CUSOLVER_STATUS",
+    "HIP error",
+)
+"""What torch's untyped device errors say: see `is_device_error`."""
+
+
 def is_device_error(exc: BaseException) -> bool:
     """Whether `exc` is the accelerator failing rather than the computation being wrong."""
     if isinstance(exc, torch.OutOfMemoryError):
@@ -498,10 +520,13 @@ def is_device_error(exc: BaseException) -> bool:
     accelerator = getattr(torch, "AcceleratorError", None)
     if accelerator is not None and isinstance(exc, accelerator):
         return True
-    text = str(exc)
-    return any(
-        s in text for s in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "HIP error")
-    )
+    # The text only where torch gives no type: before 2.8 (pyproject allows 2.4) a failed CUDA
+    # call is a bare RuntimeError, and even 2.13 raises cuBLAS/cuSOLVER failures
+    # (TORCH_CUDABLAS_CHECK, TORCH_CUSOLVER_CHECK) as one. Only a RuntimeError: that is what
+    # torch raises them as, and a ValueError quoting a message is not the device failing.
+    if not isinstance(exc, RuntimeError):
+        return False
+    return any(s in str(exc) for s in DEVICE_ERROR_TEXT)
 
 
 def _free_device_memory() -> None:

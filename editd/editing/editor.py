@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from editd import config
+from editd.editing.errors import NonFiniteUpdate, UneditableModel, UnrealisedUpdate
 from editd.editing.keys import (
     DEFAULT_PREFIXES,
     prompt_set,
@@ -139,14 +140,6 @@ class EditorConfig:
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
             targets=targets,
         )
-
-
-class UneditableModel(ValueError):
-    """The model's architecture breaks an assumption of the update; the message names it."""
-
-
-class UnrealisedUpdate(ValueError):
-    """The batch's update would change a layer out of all proportion; nothing was applied."""
 
 
 PROFILE_FILE = "editd.json"
@@ -372,6 +365,9 @@ class Editor:
             timings["check"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
 
+        for name, u in updates.items():
+            if not (bool(torch.isfinite(u.left).all()) and bool(torch.isfinite(u.right).all())):
+                raise NonFiniteUpdate(f"the update of {name} holds NaN or infinite values")
         self._refuse_oversized(updates, per_layer, float(post_top1.float().mean()))
         # Per fact: a fact solved as several rows is as good as its worst row.
         own = torch.tensor(owner)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from editd import config
+from editd.editing.errors import UnplaceableFact
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def subject_token_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int
         if a < end and b > start:
             best = j
     if best < 0:
-        raise ValueError(f"no token covers characters {start}..{end}")
+        raise UnplaceableFact(f"no token covers characters {start}..{end}")
     return best
 
 
@@ -185,9 +186,9 @@ def tokenize(
             # Answer tokens are those ending past the prompt; the leading space belongs to them.
             flags = [b > cut and b > a for a, b in offsets]
             if not any(flags):
-                raise ValueError(f"answer of {item.text!r} was truncated away")
+                raise UnplaceableFact(f"answer of {item.text!r} was truncated away")
             if flags[0] or subject[i] - shift >= flags.index(True):
-                raise ValueError(f"answer of {item.text!r} merged into the prompt's tokens")
+                raise UnplaceableFact(f"answer of {item.text!r} merged into the prompt's tokens")
             answer[i, shift : shift + len(ids)] = torch.tensor(flags)
     return TokenBatch(
         padded.input_ids, padded.attention_mask, padded.position_ids, subject, last, answer

@@ -6,11 +6,20 @@ The evaluator owns no model and no Kafka client. The daemon injects two callable
   lock, so one measurement reads one version and never half-applied weights, and says which
   version it read (`editd.editing.scoring` does the scoring itself);
 - `rollback(to_version, reason)`: restores a version through the edit store and publishes the
-  undone facts to the rejected topic. The evaluator calls it when the policy says so.
+  undone facts to the rejected topic. The evaluator calls it when the policy says so;
+- optionally `served_version() -> int`: the version served now, read without scoring, so a
+  scheduled run can tell that nothing changed.
 
 It runs every `eval.interval_seconds` on an APScheduler 3 `BackgroundScheduler` (one instance
 at a time, missed runs coalesced), and on request: after each new version (`record_version`),
-and synchronously for `editd eval` (`evaluate`).
+and synchronously for `editd eval` (`evaluate`). A scheduled run scores only where something
+can have changed: it is skipped (`editd_evaluations_total{outcome="skipped"}`) when the served
+version is the one the last evaluation scored, that evaluation passed, and the applied-fact
+sample has not changed since it was read: scoring the same weights on the same facts gives the
+same verdict, and costs as much as any evaluation (README has the figure for SmolLM2).
+A failed last evaluation is scored again: the failing streak (`failures_before_rollback`) and
+the retry of a rollback that failed both need it. Requested runs (`trigger`, `evaluate`) always
+score.
 
 Contract with the daemon:
 - `score` returns `applied=None` for an empty sample, and reads the version and the weights
@@ -21,6 +30,8 @@ Contract with the daemon:
   versions itself.
 - A rollback the evaluator did not start (operator, CLI, API): call `rolled_back(version)` and
   count it as `rollbacks.labels(reason="operator")`; the operator's free text goes to the log.
+- Every version change reaches the evaluator (`record_version`, `rolled_back`): besides
+  `served_version`, that is how a scheduled run knows it has something new to score.
 """
 
 from __future__ import annotations
@@ -154,6 +165,7 @@ class Evaluator(Generic[F]):
         history_size: int = 256,
         clock: Callable[[], float] = time.time,
         on_evaluation: Callable[[Evaluation], object] | None = None,
+        served_version: Callable[[], int] | None = None,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
@@ -168,6 +180,7 @@ class Evaluator(Generic[F]):
         self._baseline = baseline
         self._clock = clock
         self._on_evaluation = on_evaluation
+        self._served_version = served_version
 
         # `_state` guards the fields below it; `_run` serialises evaluations (scheduled,
         # triggered and synchronous) without holding `_state` while the model is scored.
@@ -180,6 +193,12 @@ class Evaluator(Generic[F]):
         self._requested = False
         self._job_running = False
         self._last_rollback: dict[str, Any] | None = None
+        # Bumped by every change to the sample or the version (`record_version`,
+        # `rolled_back`); `_scored` is (version, changes) of the last evaluation kept, the
+        # changes counted when it read its sample.
+        self._changes = 0
+        self._scored: tuple[int, int] | None = None
+        self._skipped = 0
         self._run = threading.Lock()
 
         self._scheduler: BackgroundScheduler | None = None
@@ -198,6 +217,7 @@ class Evaluator(Generic[F]):
         probe_facts: Sequence[F],
         baseline: Baseline | None = None,
         on_evaluation: Callable[[Evaluation], object] | None = None,
+        served_version: Callable[[], int] | None = None,
     ) -> Evaluator[F]:
         return cls(
             score=score,
@@ -210,6 +230,7 @@ class Evaluator(Generic[F]):
             after_each_version=settings.after_each_version,
             baseline=baseline,
             on_evaluation=on_evaluation,
+            served_version=served_version,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -261,6 +282,7 @@ class Evaluator(Generic[F]):
         """
         with self._state:
             self._sample.add(version, facts)
+            self._changes += 1
         if self.after_each_version if evaluate is None else evaluate:
             self.trigger()
 
@@ -272,6 +294,7 @@ class Evaluator(Generic[F]):
         """
         with self._state:
             self._epoch += 1
+            self._changes += 1
             self._history = deque(
                 (e for e in self._history if e.version <= to_version), maxlen=self._history.maxlen
             )
@@ -340,6 +363,8 @@ class Evaluator(Generic[F]):
                 "last_rollback": dict(self._last_rollback) if self._last_rollback else None,
                 "interval_seconds": self.interval_seconds,
                 "sample_size": len(self._sample),
+                # Scheduled runs that found nothing to score since this process started.
+                "skipped": self._skipped,
             }
 
     # -- the evaluation --------------------------------------------------------------------
@@ -351,51 +376,54 @@ class Evaluator(Generic[F]):
         outcome "error"); the scheduled job logs it instead.
         """
         with self._run:
-            with self._state:
-                epoch = self._epoch
-                sample = self._sample.sample()
-            started = time.perf_counter()
-            try:
-                measurement = self._score(sample, self._probe)
-            except Exception:
-                self._metrics.evaluations.labels(outcome="error").inc()
-                raise
-            seconds = time.perf_counter() - started
+            return self._evaluate()
 
-            with self._state:
-                if self._baseline is None and measurement.version == 0:
-                    self._baseline = Baseline(probe=measurement.probe, canary=measurement.canary)
-                    self._export_thresholds()
-                baseline = self._baseline
-                evaluation = Evaluation(
-                    measurement=measurement,
-                    failures=check(measurement, self.policy, baseline),
-                    finished_at=self._clock(),
-                    seconds=seconds,
+    def _evaluate(self) -> Evaluation:
+        with self._state:
+            epoch = self._epoch
+            changes = self._changes
+            sample = self._sample.sample()
+        started = time.perf_counter()
+        try:
+            measurement = self._score(sample, self._probe)
+        except Exception:
+            self._metrics.evaluations.labels(outcome="error").inc()
+            raise
+        seconds = time.perf_counter() - started
+
+        with self._state:
+            if self._baseline is None and measurement.version == 0:
+                self._baseline = Baseline(probe=measurement.probe, canary=measurement.canary)
+                self._export_thresholds()
+            baseline = self._baseline
+            evaluation = Evaluation(
+                measurement=measurement,
+                failures=check(measurement, self.policy, baseline),
+                finished_at=self._clock(),
+                seconds=seconds,
+            )
+            if epoch != self._epoch:
+                # A rollback landed while we scored: the version read may be undone.
+                log.info(
+                    "evaluation of version %d discarded: rolled back meanwhile",
+                    evaluation.version,
                 )
-                if epoch != self._epoch:
-                    # A rollback landed while we scored: the version read may be undone.
-                    log.info(
-                        "evaluation of version %d discarded: rolled back meanwhile",
-                        evaluation.version,
-                    )
-                    return evaluation
-                self._export(evaluation, baseline)
-                self._history.append(evaluation)
-                self._verdicts[evaluation.version] = evaluation.passed
-                decision = should_roll_back(list(self._history), self.policy, self._verdicts)
+                return evaluation
+            self._export(evaluation, baseline)
+            self._scored = (evaluation.version, changes)
+            self._history.append(evaluation)
+            self._verdicts[evaluation.version] = evaluation.passed
+            decision = should_roll_back(list(self._history), self.policy, self._verdicts)
 
-            self._log(evaluation, decision)
-            if self._on_evaluation is not None:
-                try:
-                    self._on_evaluation(evaluation)
-                except Exception:
-                    log.exception(
-                        "recording the evaluation of version %d failed", evaluation.version
-                    )
-            if decision.roll_back:
-                self._act(decision)
-            return evaluation
+        self._log(evaluation, decision)
+        if self._on_evaluation is not None:
+            try:
+                self._on_evaluation(evaluation)
+            except Exception:
+                log.exception("recording the evaluation of version %d failed", evaluation.version)
+        if decision.roll_back:
+            self._act(decision)
+        return evaluation
 
     def _act(self, decision: Decision) -> None:
         assert decision.target is not None
@@ -418,15 +446,46 @@ class Evaluator(Generic[F]):
         # Re-score the restored version so the gauges stop showing the undone one.
         self.trigger()
 
+    def scheduled(self, *, force: bool = False) -> Evaluation | None:
+        """One scheduled run: score unless nothing can have changed since the last evaluation
+        (see the module's docstring), or `force`. Returns None when skipped."""
+        with self._run:
+            if not force and self._unchanged():
+                self._metrics.evaluations.labels(outcome="skipped").inc()
+                # The scores exported are still those of the served version, so they are
+                # current as of now: the staleness alert reads this.
+                self._metrics.last_evaluation_timestamp_seconds.set(self._clock())
+                with self._state:
+                    self._skipped += 1
+                log.debug("scheduled evaluation skipped: nothing changed since the last one")
+                return None
+            return self._evaluate()
+
+    def _unchanged(self) -> bool:
+        with self._state:
+            if self._scored is None or not self._history or not self._history[-1].passed:
+                return False
+            version, changes = self._scored
+            if changes != self._changes:
+                return False
+        if self._served_version is None:
+            return True
+        try:
+            return self._served_version() == version
+        except Exception:
+            log.exception("reading the served version failed; evaluating")
+            return False
+
     def _scheduled(self) -> None:
         with self._state:
             self._job_running = True
         try:
             while True:
                 with self._state:
+                    forced = self._requested
                     self._requested = False
                 try:
-                    self.evaluate()
+                    self.scheduled(force=forced)
                 except Exception:
                     log.exception("evaluation failed")
                 with self._state:

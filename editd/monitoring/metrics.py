@@ -30,7 +30,7 @@ SCORES = SCORE_NAMES
 # Stages of one batch: C0 (first batch only), keys, targets, solve, the post-edit check, the
 # durable commit to the store (sha256, fsync) and the swap into the served weights.
 STAGES = ("stats", "keys", "targets", "solve", "check", "store", "apply")
-EVALUATION_OUTCOMES = ("passed", "failed", "error")
+EVALUATION_OUTCOMES = ("passed", "failed", "error", "skipped")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # A rollback's reason: the policy check that failed first (`<set>_<score>`, `canary`), or
 # `operator` for a rollback asked through the CLI or API (its free-text reason goes to logs).
@@ -295,7 +295,8 @@ class Metrics:
         )
         self.last_evaluation_timestamp_seconds = Gauge(
             "last_evaluation_timestamp_seconds",
-            "Unix time at which the last evaluation finished.",
+            "Unix time the exported scores were last known to describe the served model: an "
+            "evaluation finished, or a scheduled one found nothing changed since the last.",
             namespace=NAMESPACE,
             registry=r,
         )
@@ -314,7 +315,9 @@ class Metrics:
         )
         self.evaluations = Counter(
             "evaluations",
-            "Evaluations run, by outcome (passed, failed the policy, error).",
+            "Evaluations, by outcome (passed, failed the policy, error; skipped: a scheduled "
+            "one with the served version and the applied-fact sample unchanged since the last "
+            "evaluation, which passed).",
             ["outcome"],
             namespace=NAMESPACE,
             registry=r,
