@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="Replace an existing directory.")
     p = command(
         "profile",
-        "editd.models.profile:main",
+        "editd.bench.profile:main",
         "Measure a model's editing profile (causal tracing + a small grid); writes editd.json.",
         msub,
     )

@@ -1,8 +1,8 @@
 """The fact record: what producers put on the topic and what the editor applies.
 
-See DESIGN.md §5. Adapters for CounterFact and zsRE records (in their original layouts and in
-EasyEdit's flat one), and the configurable limits, live beside the schema so every entry point
-validates the same way.
+See docs/design.md, "Contracts". Adapters for CounterFact and zsRE records (in their original
+layouts and in EasyEdit's flat one), and the configurable limits, live beside the schema so
+every entry point validates the same way.
 """
 
 from __future__ import annotations

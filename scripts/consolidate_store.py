@@ -20,17 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from editd.bench.edit import dataset_workload, json_ready, load_handle, make_editor
+from editd.bench.edit import dataset_workload, json_ready
 from editd.bench.lifelong import _capacity, measure
 from editd.config import Settings
+from editd.models.factory import load_model, make_editor
 from editd.versions import VersionedModel
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings()
-    handle = load_handle(Path("smollm2-135m"), settings)
+    handle = load_model(settings, "smollm2-135m")
     work = dataset_workload(handle, Path(args.dataset), args.edits, 0, Path(args.text))
-    editor = make_editor(handle, settings, args.algo)
+    editor = make_editor(handle, settings, algo=args.algo)
     base = measure(handle, work, [])  # the handle serves the base until the store is opened
     model = VersionedModel.open(handle, args.store, editor=editor)
     epsilons = [float(e) for e in args.eps.split(",")] if args.eps else [None]

@@ -8,9 +8,11 @@ import json
 
 import pytest
 
-from editd.bench.edit import load_handle, world_workload
+from editd.bench.edit import world_workload
 from editd.bench.lifelong import run_lifelong, spread
 from editd.config import Settings
+from editd.models.factory import load_model
+from editd.models.registry import BUILTIN
 from editd.store.store import EditStore
 
 pytestmark = pytest.mark.slow
@@ -24,7 +26,7 @@ def test_spread_takes_early_and_late_edits_alike():
 
 def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
     settings = Settings()
-    handle = load_handle(None, settings)
+    handle = load_model(settings, BUILTIN)
     work = world_workload(20, seed=5, canary_size=50)
     store, curve = tmp_path / "store", tmp_path / "curve.jsonl"
     common = dict(algo="emmet", batch_size=5, store_dir=store, curve_path=curve, curve_every=10)

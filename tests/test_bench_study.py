@@ -89,9 +89,10 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.slow
 def test_quick_study_on_the_builtin_model(tmp_path):
-    from editd.bench.edit import load_handle
     from editd.bench.study import run_study, write_results
     from editd.config import Settings
+    from editd.models.factory import load_model
+    from editd.models.registry import BUILTIN
 
     settings = Settings()
     plan = StudyPlan(
@@ -102,7 +103,7 @@ def test_quick_study_on_the_builtin_model(tmp_path):
         sequential_batch_sizes=(2, 4),
         canary_size=20,
     )
-    handle = load_handle(None, settings)
+    handle = load_model(settings, BUILTIN)
     seen = []
     result = run_study(handle, settings, plan, emit=seen.append)
     json_path, png_path = write_results(result, tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from editd.models.profile import candidate_windows
+from editd.bench.profile import candidate_windows
 
 pytestmark = pytest.mark.slow
 

@@ -27,13 +27,12 @@ from typing import Any
 import torch
 
 from editd.config import Settings
-from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
-from editd.editing.stats import Corpus
 from editd.exitcodes import EXIT_OK, EXIT_USAGE
 from editd.facts import FactUpdate
-from editd.models.registry import is_builtin
+from editd.models.factory import load_model, make_editor
+from editd.models.registry import BUILTIN, is_builtin
 from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
@@ -59,48 +58,6 @@ class EditRun:
     @property
     def target_steps_mean(self) -> float:
         return sum(self.target_steps) / len(self.target_steps) if self.target_steps else 0.0
-
-
-def model_dir(model: Path | None, settings: Settings | None = None) -> Path:
-    """A model directory or name (`builtin`, `smollm2-135m`); the built-in model when None."""
-    from editd.models.registry import BUILTIN, resolve_model
-
-    cache = settings.model.cache_dir if settings is not None else None
-    return resolve_model(model if model is not None else BUILTIN, cache=cache)
-
-
-def load_handle(model: Path | None, settings: Settings) -> ModelHandle:
-    return ModelHandle.load(
-        model_dir(model, settings),
-        device=settings.model.device,
-        dtype=settings.model.dtype,
-        module_template=settings.editing.module_template,
-    )
-
-
-def make_editor(
-    handle: ModelHandle,
-    settings: Settings,
-    algo: str,
-    *,
-    cache_dir: str | Path | None = None,
-    corpus: Corpus | None = None,
-) -> Editor:
-    """The editor the settings describe, with `algo`; C0 cached in `cache_dir` if given, else
-    where `editing.stats_cache` says, from `corpus` if given, else the model's own
-    (`editd.models.corpus.stats_corpus`)."""
-    from editd.models.corpus import stats_corpus
-
-    editing = settings.editing.model_copy(update={"algo": algo})
-    config = EditorConfig.from_settings(editing, handle.path)
-    cache = Path(cache_dir or settings.editing.stats_cache or Path.home() / ".cache" / "editd")
-    corpus = corpus or stats_corpus(
-        handle,
-        configured=settings.editing.stats_corpus,
-        cache_dir=cache,
-        tokens=settings.editing.stats_tokens,
-    )
-    return Editor(handle, config, corpus=corpus, cache_dir=cache, progress=sys.stderr.isatty())
 
 
 def apply_sequentially(
@@ -290,7 +247,7 @@ def run_bench(
     base_served = served(handle, requests)
     base_ppl = perplexity(handle, work.texts)
     base_known = known_kept(handle, work.known)
-    editor = make_editor(handle, settings, algo)
+    editor = make_editor(handle, settings, algo=algo)
     with VersionedModel.temporary(handle, editor) as model:
         run = apply_sequentially(
             model,
@@ -364,7 +321,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.edits <= 0 or args.batch_size <= 0:
         print("editd bench edit: --edits and --batch-size must be positive", file=sys.stderr)
         return EXIT_USAGE
-    handle = load_handle(args.model, settings)
+    handle = load_model(settings, args.model or BUILTIN)
     workload = None
     if args.dataset is not None:
         workload = dataset_workload(handle, args.dataset, args.edits, args.seed, args.text)

@@ -79,15 +79,12 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    from editd.editing.editor import EditorConfig
-    from editd.editing.model import ModelHandle
     from editd.editing.subject import leading_special_ids
-    from editd.models.registry import resolve_model
+    from editd.models.factory import editor_config, load_model
 
     torch.set_num_threads(torch.get_num_threads())
-    model_dir = resolve_model(args.model, cache=settings.model.cache_dir)
-    handle = ModelHandle.load(model_dir, settings.model.device, settings.model.dtype)
-    config = EditorConfig.from_settings(settings.editing, handle.path)
+    handle = load_model(settings, args.model)
+    config = editor_config(handle, settings)
     layers = list(config.layers or handle.default_layers())
     names = [handle.module_name(i) for i in layers]
     d_outs = {n: handle.weight(n).shape[0] for n in names}

@@ -35,7 +35,6 @@ from editd.bench.edit import (
     canary,
     json_ready,
     known_kept,
-    make_editor,
     perplexity,
     score,
     served,
@@ -45,6 +44,7 @@ from editd.editing.editor import Editor
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import summarize
 from editd.facts import FactUpdate
+from editd.models.factory import make_editor
 from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run_lifelong(
     unedited = _unedited(handle, work, store_dir)
     base, base_scores = unedited["point"], SimpleNamespace(**unedited["scores"])
     base_served, base_ppl = unedited["served"], unedited["perplexity"]
-    editor = make_editor(handle, settings, algo)
+    editor = make_editor(handle, settings, algo=algo)
     model = VersionedModel.open(handle, store_dir, editor=editor)
     try:
         applied = model.applied_fact_ids()

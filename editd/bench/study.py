@@ -32,8 +32,6 @@ from editd.bench.edit import (
     canary,
     canary_set,
     json_ready,
-    load_handle,
-    make_editor,
     peak_rss_mb,
     score,
 )
@@ -41,6 +39,8 @@ from editd.config import SCORE_NAMES, Settings
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, summarize
 from editd.exitcodes import EXIT_OK, EXIT_USAGE
+from editd.models.factory import load_model, make_editor
+from editd.models.registry import BUILTIN
 from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def run_study(
             emit(point)
 
     for algo in plan.algos:
-        editor = make_editor(handle, settings, algo)
+        editor = make_editor(handle, settings, algo=algo)
         stats_seconds += editor.prepare()
         one_batch: dict[int, dict[str, Any]] = {}  # batch size → its point
         for b in plan.batch_sizes:
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"editd bench study: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    handle = load_handle(getattr(args, "model", None), settings)
+    handle = load_model(settings, getattr(args, "model", None) or BUILTIN)
 
     def emit(point: dict[str, Any]) -> None:
         print(json.dumps(json_ready(point), allow_nan=False), flush=True)

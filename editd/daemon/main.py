@@ -261,27 +261,17 @@ def _load(
 ) -> EditService:
     # The model loads here, after the socket and the broker are up (torch itself is imported
     # with this module, which takes a second or two, not the minutes a model can).
-    from editd.editing.editor import Editor, EditorConfig, with_profile
-    from editd.models.corpus import stats_corpus
+    from editd.editing.editor import with_profile
+    from editd.models.factory import load_model, make_editor
     from editd.models.registry import is_builtin
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline
 
-    path, handle = load_handle(settings)
-    data_dir = Path(settings.store.data_dir)
-    cache_dir = settings.editing.stats_cache or data_dir / "cache"
-    corpus = stats_corpus(
-        handle,
-        configured=settings.editing.stats_corpus,
-        cache_dir=cache_dir,
-        tokens=settings.editing.stats_tokens,
-    )
-    editor = Editor(
-        handle,
-        EditorConfig.from_settings(settings.editing, path),
-        corpus=corpus,
-        cache_dir=cache_dir,
-    )
+    handle = load_model(settings)
+    path = handle.path
+    cache_dir = settings.editing.stats_cache or Path(settings.store.data_dir) / "cache"
+    # C0's progress bar goes to the daemon's stderr whether or not a terminal reads it.
+    editor = make_editor(handle, settings, cache_dir=cache_dir, progress=True)
     model = open_versioned(settings, handle, editor=editor)
     stack.callback(model.close)
     starting = "the evaluator is starting (scoring the base model)"
@@ -349,21 +339,6 @@ def _claim_update_log(service: EditService) -> None:
         service.updates.taken = exc
     except KafkaError as exc:
         log.warning("update log: cannot check its writer yet (%s); checked before publishing", exc)
-
-
-def load_handle(settings: Settings) -> tuple[Path, Any]:
-    """The served model, resolved (a name is fetched once) and loaded: (its directory, handle)."""
-    from editd.editing.model import ModelHandle
-    from editd.models.registry import resolve_model
-
-    path = resolve_model(settings.model.path, cache=settings.model.cache_dir)
-    handle = ModelHandle.load(
-        path,
-        settings.model.device,
-        settings.model.dtype,
-        module_template=settings.editing.module_template,
-    )
-    return path, handle
 
 
 def open_versioned(

@@ -384,10 +384,9 @@ def serve_replica(
         EXIT_KAFKA,
         EXIT_OK,
         StoreFailure,
-        load_handle,
         open_versioned,
     )
-    from editd.editing.editor import EditorConfig
+    from editd.models.factory import editor_config, load_model
 
     kafka = settings.kafka
     # No servers: the editor's embedded broker on this machine.
@@ -397,10 +396,10 @@ def serve_replica(
     except KafkaSecurityError as exc:
         log.error("kafka: %s", exc)
         return EXIT_KAFKA
-    path, handle = load_handle(settings)
+    handle = load_model(settings)
     # The editor's modules, from the same settings and profile: the first version record
     # names any difference (see EditStore.ingest).
-    config = EditorConfig.from_settings(settings.editing, path)
+    config = editor_config(handle, settings)
     modules = [handle.module_name(i) for i in (config.layers or handle.default_layers())]
     try:
         model = open_versioned(settings, handle, modules=sorted(modules))

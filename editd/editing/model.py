@@ -4,7 +4,7 @@
 `weight = cast(base.float() + delta)`, where `base` is a copy of the tensor taken before its
 first edit and `delta` is the float32 sum of every applied batch's update: the served weights of
 a version depend only on that version's accumulated delta, so rolling back to a version gives
-bit-identical tensors (DESIGN.md §4).
+bit-identical tensors (docs/design.md, "Versions and exact rollback").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Closed-form weight updates for one layer: MEMIT, EMMET (ROME = EMMET with b = 1), AlphaEdit.
 
-Notation (DESIGN.md §3): W (d_out, d_in) the edited weight, K (d_in, b) the batch's keys,
-R (d_out, b) the residual the update must add at those keys, C the preservation matrix.
+Notation (docs/design.md, "The math of an update"): W (d_out, d_in) the edited weight,
+K (d_in, b) the batch's keys, R (d_out, b) the residual the update must add at those keys, C the
+preservation matrix.
 
 - MEMIT:     Δ = R Kᵀ (C + K Kᵀ)⁻¹              least squares: keys matched softly
 - EMMET:     Δ = R (Kᵀ C⁻¹ K + εI)⁻¹ Kᵀ C⁻¹    Δ K = R exactly when ε = 0 (ROME for b = 1).

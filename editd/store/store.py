@@ -1,6 +1,6 @@
 """The versioned edit store: every batch a durable version, every version restorable bit for bit.
 
-Layout under `data_dir` (DESIGN.md §4):
+Layout under `data_dir` (docs/design.md, "Versions and exact rollback"):
 
     CURRENT                          the live version number; moving it is the commit point
     LOCK                             flock'ed by the one process that writes (the daemon)

@@ -1,4 +1,5 @@
-"""Counterfactual edit requests drawn from the world, in the fact format of DESIGN.md §5."""
+"""Counterfactual edit requests drawn from the world, in the fact format of docs/design.md
+("Contracts")."""
 
 from __future__ import annotations
 

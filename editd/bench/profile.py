@@ -1,5 +1,8 @@
 """`editd model profile DIR --dataset FILE`: measure a model's editing profile, `editd.json`.
 
+A benchmark in all but name (held-out records edited on a throw-away store through
+`editd.bench.edit`'s harness and scored), so it lives in bench/; `editd model` only names it.
+
 Hyper-parameters copied from another model are one of the most reported reasons MEMIT-style
 edits fail; a profile is measured instead, on records held out from every benchmark
 (`editd.bench.data.split(..., "heldout")`):
@@ -80,22 +83,17 @@ def profile_model(
     import torch
 
     from editd.bench.data import draw, load_dataset, split
-    from editd.bench.edit import apply_sequentially, canary, make_editor, prefers_true, score
+    from editd.bench.edit import apply_sequentially, canary, prefers_true, score
     from editd.editing.causal import causal_trace
     from editd.editing.editor import UnrealisedUpdate
     from editd.editing.gate import MAX_TEXT_FIRES, choose_threshold, measure_separation
-    from editd.editing.model import ModelHandle
     from editd.editing.scoring import canary_pairs, harmonic_mean, summarize
     from editd.memory import gate_projection
+    from editd.models.factory import load_model, make_editor
     from editd.monitoring.canary import canary_prompts
     from editd.versions import VersionedModel
 
-    handle = ModelHandle.load(
-        model_dir,
-        settings.model.device,
-        settings.model.dtype,
-        module_template=settings.editing.module_template,
-    )
+    handle = load_model(settings, model_dir)
     pool = split(load_dataset(dataset), "heldout")
     candidates = draw(pool, 4 * TRACE_FACTS, seed)
     known = [
@@ -130,7 +128,7 @@ def profile_model(
         )
         run_settings = settings.model_copy(update={"editing": editing})
         torch.manual_seed(seed)
-        editor = make_editor(handle, run_settings, algo)
+        editor = make_editor(handle, run_settings, algo=algo)
         # The daemon's apply path on a throw-away store, from the base weights: one batch.
         with VersionedModel.temporary(handle, editor) as model:
             try:
@@ -177,7 +175,7 @@ def profile_model(
     best_settings = settings.model_copy(
         update={"editing": settings.editing.model_copy(update={"layers": best["layers"]})}
     )
-    gate_editor = make_editor(handle, best_settings, algo)
+    gate_editor = make_editor(handle, best_settings, algo=algo)
     gate_module = gate_editor.modules[0]
     c0 = gate_editor.second_moments()[gate_module]
     separation = measure_separation(
