@@ -120,3 +120,37 @@ def test_consolidation_re_solves_every_live_fact_and_rolls_back_exactly(
         assert float(top1_after.float().mean()) >= 0.95, (top1_before, top1_after)
         model.rollback(3, "operator: consolidation not wanted")
         assert model.served_sha256() == sequential  # the sequential update, bit for bit
+
+
+def test_a_gated_memory_serves_the_latest_value_of_a_fact_edited_twice(
+    builtin: Path, c0_cache: Path
+) -> None:
+    """Same subject and relation in two batches: the second batch's keys open the first
+    batch's block too, its residual is read with that block open, so the sum serves the new
+    value; the first batch's other facts, whose gates the second batch does not open, keep
+    theirs."""
+    from editd.config import EditingSettings
+    from editd.world.requests import make_requests
+
+    torch.manual_seed(0)
+    handle = ModelHandle.load(builtin, device="cpu")
+    first = make_requests(16, seed=4)
+    second = make_requests(16, seed=5)
+    # The same subject and prompt with another object (its id derived anew).
+    again = type(first[0]).model_validate(
+        {**first[0].model_dump(exclude={"id"}), "target_new": second[0].target_new}
+    )
+    assert again.target_new != first[0].target_new
+    config = EditorConfig.from_settings(EditingSettings(memory="gated"), builtin)
+    editor = Editor(
+        handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
+    )
+    with VersionedModel.temporary(handle, editor) as model:
+        model.apply(editor.compute_update(first), first)
+        model.apply(editor.compute_update([again]), [again])
+        with model.reading():
+            _, top1_again = object_probability(handle, [again])
+            _, top1_rest = object_probability(handle, first[1:])
+        assert model.version(2).gate is not None
+    assert bool(top1_again.all())
+    assert float(top1_rest.float().mean()) >= 0.9
