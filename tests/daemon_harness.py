@@ -44,6 +44,9 @@ class Daemon:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # One update log per fact topic: tests that share a broker each start a new editor
+        # (a new store), and an editor refuses a log another one wrote (exit 13).
+        self.updates_topic = (env or {}).get("EDITD_KAFKA__UPDATES_TOPIC", f"{topic}.updates")
         self.admin_token = admin_token
         self.data_dir = data_dir
         # No servers: the daemon starts its embedded broker (port from the env).
@@ -78,6 +81,7 @@ class Daemon:
             "OMP_NUM_THREADS": "2",
             # The fast tests serve the packaged world model; the real-model tests say so.
             "EDITD_MODEL__PATH": "builtin",
+            "EDITD_KAFKA__UPDATES_TOPIC": self.updates_topic,
             **(env or {}),
         }
         self.lines: list[str] = []

@@ -152,7 +152,7 @@ def test_replicas_follow_a_recreated_editor_only_once_it_takes_the_log_over(tmp_
             for key, value, headers in messages(
                 CURRENT, 2, source.current_payload(2, 1), 64 * 1024, old_id
             ):
-                producer.send("model-updates", key=key, value=value, headers=headers, partition=0)
+                producer.send(new.updates_topic, key=key, value=value, headers=headers, partition=0)
             producer.flush(30)
             producer.close()
             time.sleep(2.0)  # a replica reads a record within a poll (0.5 s); watch past it

@@ -188,7 +188,7 @@ def test_replicas_follow_the_editor_through_kill_rollback_and_corruption(tmp_pat
         # Corrupted records: a bad checksum, a good checksum over tampered factors, a current
         # record naming a version that never arrived. Each is refused; 7 stays served.
         forged = last + 2  # the editor's next version is last + 1
-        _publish_corrupt(servers, editor_dir, forged)
+        _publish_corrupt(servers, editor_dir, forged, editor.updates_topic)
         for rep in replicas.values():
             status = rep.wait_status(
                 "three refusals",
@@ -231,7 +231,7 @@ def _applied(data_dir: Path) -> set[str]:
     return {i for m in manifests(data_dir) if m["state"] == "committed" for i in fact_ids_of(m)}
 
 
-def _publish_corrupt(servers: list[str], editor_dir: Path, version: int) -> None:
+def _publish_corrupt(servers: list[str], editor_dir: Path, version: int, topic: str) -> None:
     store = EditStore(editor_dir, readonly=True)
     store.open()
     payload = UpdateLogSource(store).version_payload(8)  # undone by the rollback
@@ -255,7 +255,7 @@ def _publish_corrupt(servers: list[str], editor_dir: Path, version: int) -> None
         current = Current(version=version, lineage=lineage, sha256={}, at="now")
         never = messages(CURRENT, version, encode_current(current), 4096, editor)
         for key, value, headers in (*bad_checksum, *bad_sha, *never):
-            producer.send("model-updates", key=key, value=value, headers=headers, partition=0)
+            producer.send(topic, key=key, value=value, headers=headers, partition=0)
         producer.flush(30)
     finally:
         producer.close()
