@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_store_versions import tiny_llama
 
 from editd.editing.model import ModelHandle
 from editd.lowrank import EditUpdate, LayerUpdate, tensor_sha256
@@ -107,18 +107,7 @@ EDITED = [1, 2]
 
 
 def tiny_handle(seed: int = 0) -> ModelHandle:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    return ModelHandle(model=model, tokenizer=None)
+    return ModelHandle(model=tiny_llama(torch.float32, seed), tokenizer=None)
 
 
 def inputs_at(handle: ModelHandle, module: str, ids: torch.Tensor) -> torch.Tensor:
