@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_store_versions import tiny_llama
 
 from editd.editing.model import ModelHandle
 from editd.lowrank import EditUpdate, LayerUpdate, tensor_sha256
@@ -21,6 +20,7 @@ from editd.memory import (
 from editd.store.store import EditStore, StoreError, StoreMismatch
 from editd.store.wire import UpdateLogSource, decode_version
 from editd.versions import VersionedModel
+from tests.test_store_versions import tiny_llama
 
 D_OUT, D_IN, B = 16, 48, 3
 
