@@ -82,7 +82,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     from editd.editing.subject import leading_special_ids
     from editd.models.factory import editor_config, load_model
 
-    torch.set_num_threads(torch.get_num_threads())
     handle = load_model(settings, args.model)
     config = editor_config(handle, settings)
     layers = list(config.layers or handle.default_layers())
