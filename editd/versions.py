@@ -384,9 +384,9 @@ class VersionedModel:
         is refused at start (exit 5), not at its first batch, which would fail and replay."""
         if self.editor is None:
             return
-        gated = {self.store.version(v).gate is not None for v in self.store.lineage()[1:]}
-        if gated and gated != {self.editor.gated}:
-            have = "a gated memory" if True in gated else "plain weights"
+        form = self.store.served_form()
+        if form is not None and form != self.editor.config.memory:
+            have = "a gated memory" if form == "gated" else "plain weights"
             raise StoreMismatch(
                 f"the edit store at {self.store.root} serves {have}, but editing.memory is "
                 f"{self.editor.config.memory!r}: keep the setting the store was made with, or "

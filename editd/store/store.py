@@ -408,6 +408,15 @@ class EditStore:
                 self._memory_cache = (v, memory)
             return memory
 
+    def served_form(self, version: int | None = None) -> str | None:
+        """ "gated" or "weights": the form the lineage up to `version` serves; None while it
+        holds no version (one lineage serves one form)."""
+        with self._lock:
+            chain = self.lineage(version)[1:]
+            if not chain:
+                return None
+            return "gated" if self._manifests[chain[0]].gate is not None else "weights"
+
     def served_state(
         self, version: int | None = None
     ) -> tuple[dict[str, torch.Tensor], GatedMemory]:
@@ -947,10 +956,9 @@ class EditStore:
         One lineage serves one form: a gated version on a weight-form lineage (or the other
         way round) is refused, so the weights a lineage serves never depend on its gates.
         """
-        lineage = self.lineage(parent)[1:]
-        forms = {self._manifests[u].gate is not None for u in lineage}
-        if forms and forms != {gate is not None}:
-            have = "a gated memory" if True in forms else "plain weights"
+        form = self.served_form(parent)
+        if form is not None and form != ("gated" if gate else "weights"):
+            have = "a gated memory" if form == "gated" else "plain weights"
             raise StoreMismatch(
                 f"version {version} is {'gated' if gate else 'a plain-weight update'}, but this "
                 f"store's lineage serves {have}: start a new data dir to change editing.memory"
