@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import yaml
 from prometheus_client import CollectorRegistry
+
+from editd.consumers.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "editd.json"
@@ -180,12 +181,6 @@ def alert_queries(path: Path = RULES) -> list[Query]:
 
 
 # -- the server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusError(RuntimeError):

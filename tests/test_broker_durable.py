@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -90,3 +92,38 @@ def test_records_and_offsets_survive_kill_9_of_broker_storage_and_both(tmp_path:
     with EmbeddedBroker(port=broker.port, topics=[TOPIC], storage_dir=data) as again:
         assert _values(again.bootstrap_servers, 320) == list(range(320))
         assert _committed(again.bootstrap_servers) == 150
+
+
+class _LosesOnePortRace(EmbeddedBroker):
+    """A store whose first start loses the race for its Lance port, as weed did once in CI: the
+    port was free when drawn and when weed checked it, and taken when weed listened. The loss
+    is replayed with weed's own fatal line; every later start runs the real store."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lost: int | None = None
+
+    def _spawn_store(self) -> None:
+        if self.lost is not None:
+            super()._spawn_store()
+            return
+        self.lost = port = self._store_ports["s3.port.lance"]
+        line = (
+            f"F1206 10:56:30.991405 s3.go:633 Lance Namespace listener on 127.0.0.1:{port} "
+            f"error: listen tcp 127.0.0.1:{port}: bind: address already in use"
+        )
+        self.store = subprocess.Popen(
+            ["sh", "-c", f"echo '{line}'; exit 255"], stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+
+def test_storage_that_loses_a_port_race_starts_on_another_port(tmp_path: Path) -> None:
+    broker = _LosesOnePortRace(storage_dir=tmp_path / "broker", topics=[TOPIC])
+    try:
+        broker.start()
+        assert broker.lost is not None
+        assert broker._store_ports["s3.port.lance"] != broker.lost
+        _publish(broker.bootstrap_servers, 0, 3)
+        assert _values(broker.bootstrap_servers, 3) == [0, 1, 2]
+    finally:
+        broker.stop()

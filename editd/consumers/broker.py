@@ -20,6 +20,8 @@ import importlib.util
 import json
 import logging
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +50,8 @@ _WEED_PORTS = (
     "admin.port.grpc",
 )  # fmt: skip
 _PORTS_FILE = "ports.json"
+_STORE_BIND_ATTEMPTS = 3
+_BIND_FAILURE = re.compile(r"listen tcp [^\s]*:(\d+): bind: address already in use")
 # Kafka's TopicAlreadyExists: creating topics must be idempotent across restarts.
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -71,8 +75,42 @@ def tansu_binary() -> Path:
     return path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind `port` now: a bind, not a connect, because a port held
+    by an outgoing connection accepts nothing and still cannot be bound. SO_REUSEADDR as
+    servers set it, so a port left in TIME_WAIT by our own earlier listener counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
-    """A port that was free a moment ago (another process may still take it first)."""
+    """A port that was free a moment ago, drawn outside the kernel's ephemeral range.
+
+    Between this draw and the listener's bind, any outgoing connection on the machine may take
+    a port from the ephemeral range as its local port, and a listener's bind then fails with
+    "address already in use"; ports below that range are only ever taken by listeners.
+    """
+    low, _ = _ephemeral_range()
+    top = min(low, below)
+    if top > 20000:
+        for _ in range(200):
+            port = random.randrange(10000, top)
+            if port_is_free(host, port):
+                return port
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
@@ -80,6 +118,11 @@ def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
         if port < below:
             return port
     raise BrokerError(f"no free port below {below}")
+
+
+def _unbindable_ports(output: str) -> set[int]:
+    """The ports a store's output says it could not bind."""
+    return {int(port) for port in _BIND_FAILURE.findall(output)}
 
 
 def weed_binary() -> Path:
@@ -249,9 +292,10 @@ class EmbeddedBroker:
             raise
         return self
 
-    def _ports(self) -> dict[str, int]:
+    def _ports(self, taken: Iterable[int] = ()) -> dict[str, int]:
         """The store's ports, kept in its data dir: the same ones on every restart (its
-        master keeps state per port), new ones only where another process took them."""
+        master keeps state per port), new ones only where another process took them or
+        where `taken` says the store failed to bind them."""
         assert self.storage_dir is not None
         path = self.storage_dir / _PORTS_FILE
         try:
@@ -261,7 +305,12 @@ class EmbeddedBroker:
         ports = {}
         for name in _WEED_PORTS:
             port = saved.get(name)
-            if port is None or accepts_connections(self.host, port) or port in ports.values():
+            if (
+                port is None
+                or port in taken
+                or port in ports.values()
+                or not port_is_free(self.host, port)
+            ):
                 port = free_port(self.host, below=55535)
             ports[name] = port
         if ports != saved:
@@ -271,7 +320,24 @@ class EmbeddedBroker:
     def _start_store(self) -> None:
         assert self.storage_dir is not None
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        self._store_ports = self._ports()
+        taken: set[int] = set()
+        for attempt in range(_STORE_BIND_ATTEMPTS):
+            self._store_ports = self._ports(taken)
+            self._spawn_store()
+            try:
+                self._wait_for_bucket()
+                return
+            except BrokerError:
+                # A port free when drawn can be bound by another process before weed binds it
+                # (a race no draw avoids): draw that one again rather than fail the start.
+                lost = _unbindable_ports(self.output()) - taken  # earlier lines are stale
+                if self.store.poll() is None or not lost or attempt + 1 == _STORE_BIND_ATTEMPTS:
+                    raise
+                log.warning("the broker's storage could not bind port(s) %s; retrying", lost)
+                taken |= lost
+
+    def _spawn_store(self) -> None:
+        assert self.storage_dir is not None
         cmd = [
             str(weed_binary()),
             "mini",
@@ -294,7 +360,6 @@ class EmbeddedBroker:
             env=env,
             preexec_fn=_die_with_parent(),
         )
-        self._wait_for_bucket()
 
     def _wait_for_bucket(self) -> None:
         # /healthz answers before the bucket exists; Tansu needs the bucket.
