@@ -41,9 +41,11 @@ from editd.editing.editor import Editor
 from editd.editing.model import ModelHandle
 from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate
-from editd.memory import MEMORY_SHA256
+from editd.store.errors import RestoreFailed as RestoreFailed  # raised by restore and rollback
+from editd.store.errors import StoreMismatch, UpdateRefused
 from editd.store.outbox import Rejected, batch_record_id
-from editd.store.store import EditStore, StoreError, StoreMismatch, UpdateRefused
+from editd.store.state import fingerprint
+from editd.store.store import EditStore
 from editd.store.version import Version, now
 from editd.store.wire import Current
 
@@ -52,10 +54,6 @@ log = logging.getLogger(__name__)
 
 class Busy(RuntimeError):
     """Another version change is in progress."""
-
-
-class RestoreFailed(StoreError):
-    """The weights rebuilt from the store do not match what its manifest records."""
 
 
 @dataclass(frozen=True)
@@ -178,11 +176,9 @@ class VersionedModel:
     def served_sha256(self) -> dict[str, str]:
         """sha256 of every edited tensor as served now, and of the gated memory where one is
         served, to compare with the manifests."""
-        out = self.handle.weight_sha256(self.store.module_names)
-        memory = self.handle.memory_sha256()
-        if memory is not None:
-            out[MEMORY_SHA256] = memory
-        return out
+        return fingerprint(
+            self.handle.weight_sha256(self.store.module_names), self.handle.memory_sha256()
+        )
 
     def versions(self) -> list[dict[str, Any]]:
         return self.store.listing()
@@ -402,21 +398,12 @@ class VersionedModel:
     def _serve(self, version: int, what: str) -> None:
         """Swap to `version` and check what is served bit for bit against its manifest."""
         self._swap(version)
-        mismatched = self._mismatched(version)
-        if mismatched:
-            raise RestoreFailed(
-                f"{what} serves weights that differ from its manifest in {mismatched}"
-            )
+        self.store.check_served(version, self.served_sha256(), what)
 
     def _set(self, version: int) -> None:
         self._version = version
         if self.on_change is not None:
             self.on_change(version)
-
-    def _mismatched(self, version: int) -> list[str]:
-        expected = self.store.expected_sha256(version)
-        served = self.served_sha256()
-        return sorted(n for n in expected if served.get(n) != expected[n])
 
     def _preserve_lineage(self) -> None:
         if self.editor is not None:

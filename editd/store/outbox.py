@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from editd import durable
+from editd.store.version import Version
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,23 @@ class Outbox:
             if m and m.group(2) == record_id:
                 return path
         return None
+
+
+def rolled_back(version: Version) -> Rejected:
+    """The record of an undone version's facts, from its `undone` mark: what a rollback puts
+    in the outbox (and what a format-1 manifest's rejection flag becomes)."""
+    undo = version.undone
+    if undo is None:
+        raise ValueError(f"version {version.version} is not undone")
+    return Rejected(
+        id=version_record_id(version.version),
+        kind="rolled_back",
+        reason=undo.reason,
+        facts=version.facts,
+        created=undo.at,
+        version=version.version,
+        rolled_back_to=undo.to_version,
+    )
 
 
 def version_record_id(version: int) -> str:

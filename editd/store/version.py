@@ -73,6 +73,11 @@ class Version:
     def replace(self, **changes: Any) -> Version:
         return dataclasses.replace(self, **changes)
 
+    def marked(self, undo: Undo | None) -> Version:
+        """This version undone by `undo`, or (None) committed again."""
+        state = VersionState.COMMITTED if undo is None else VersionState.UNDONE
+        return dataclasses.replace(self, state=state, undone=undo)
+
     def to_manifest(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["facts"] = list(self.facts)
