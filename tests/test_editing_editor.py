@@ -154,9 +154,9 @@ def test_commit_preserves_keys_and_reset_to_rebuilds(model_dir: Path, tmp_path: 
     editor = _editor(handle, tmp_path)
     first = editor.compute_update(FACTS[:2])
     handle.set_deltas({n: u.dense() for n, u in first.layers.items()})
-    editor.commit(first)
+    editor.preserve(first)
     second = editor.compute_update(FACTS[2:])
-    editor.commit(second)
+    editor.preserve(second)
     name = editor.modules[0]
     pres = editor.preservation[name]
     assert pres.rank == 4

@@ -10,7 +10,7 @@ differ only in the solver and the preservation matrix.
 
 The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
 model; applying it is `editd.versions.VersionedModel.apply`'s job (durable commit, then the
-swap under the write lock), which then calls `commit` so the editor preserves the batch's keys.
+swap under the write lock), which then calls `preserve` so the editor keeps the batch's keys.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class EditorConfig:
 class Editor:
     """Computes batch updates for one model and keeps what sequential editing must preserve.
 
-    Not thread-safe: one editing thread calls `compute_update`, `commit` and `reset_to`.
+    Not thread-safe: one editing thread calls `compute_update`, `preserve` and `reset_to`.
     """
 
     def __init__(
@@ -249,7 +249,7 @@ class Editor:
         Reads the model under its read lock and leaves it unchanged: weights are never
         written (earlier layers' updates act through hooks scoped to this call's own forward
         passes, which other threads' requests do not see). Preservation state is not changed
-        either; call `commit` once the update is applied.
+        either; call `preserve` once the update is applied.
         """
         if not batch:
             raise ValueError("empty batch")
@@ -471,7 +471,7 @@ class Editor:
             layers=layers, diagnostics={"algo": self.config.algo, "consolidated": per_layer}
         )
 
-    def commit(self, update: EditUpdate) -> None:
+    def preserve(self, update: EditUpdate) -> None:
         """The daemon applied `update`: preserve its keys in later batches.
 
         A gated memory preserves nothing beyond λC0: a later batch's block opens only where
