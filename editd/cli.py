@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    def old_name(p: argparse.ArgumentParser, name: str, new: str, parent: Any = sub) -> None:
+        """Keep `name`, a command's former spelling, working (with `p`'s arguments) but out of
+        the help, and have it say once on stderr what it is called now."""
+        old = parent.add_parser(name, parents=[p], add_help=False, description=p.description)
+        old.set_defaults(renamed_to=new)
+
     p = command("run", "editd.daemon.main:run", "Run the daemon: consume, edit, serve, evaluate.")
     _add_kafka(p)
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
@@ -111,13 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         "not taken by the broker.",
     )
 
-    p = command("checkpoints", "editd.checkpoints:checkpoints", "List model versions.")
+    p = command(
+        "versions",
+        "editd.checkpoints:checkpoints",
+        "List model versions: created, facts, state, scores.",
+    )
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    old_name(p, "checkpoints", "editd versions")
 
     p = command("rollback", "editd.checkpoints:rollback", "Roll the model back to a version.")
     p.add_argument(
-        "version", type=int, help="The version to serve again (see editd checkpoints; 0: base)."
+        "version", type=int, help="The version to serve again (see editd versions; 0: base)."
     )
     p.add_argument(
         "--data-dir",
@@ -163,13 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help=URL_HELP)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
+    # `editd eval` asks the running daemon; `editd model score` measures the built-in model.
     p = command("eval", "editd.daemon.client:evaluate", "Evaluate the running daemon now.")
     p.add_argument("--url", help=URL_HELP)
     p.add_argument("--data-dir", type=Path, help=ADMIN_DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     model = sub.add_parser(
-        "model", help="Fetch, convert or profile a model; build the built-in one."
+        "model", help="Fetch, convert or profile a model; build or score the built-in one."
     )
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     p = command(
@@ -221,10 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Stop before the MLPs grow (continue later with --resume).",
     )
-    p = command("eval", "editd.world.evaluate:main", "Measure the built-in model.", msub)
+    p = command(
+        "score",
+        "editd.world.evaluate:main",
+        "Score the built-in model offline: how well it knows its world.",
+        msub,
+    )
     p.add_argument("--model", type=Path, help="Model directory (default: built-in).")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--limit", type=int, help="Score only this many facts per split.")
+    old_name(p, "eval", "editd model score", msub)
 
     world = sub.add_parser("world", help="The synthetic world of facts.")
     wsub = world.add_subparsers(dest="world_command", metavar="ACTION", required=True)
@@ -326,6 +344,11 @@ def resolve(handler: str) -> Handler:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if renamed_to := getattr(args, "renamed_to", None):
+        print(
+            f"editd: this command is now `{renamed_to}`; the old name will be removed.",
+            file=sys.stderr,
+        )
     try:
         settings = load_settings(args.config, **_overrides(args))
     except ConfigError as exc:

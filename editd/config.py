@@ -187,11 +187,11 @@ class EditingSettings(Section):
         description="ENCORE's Frobenius-norm constraint: adds this × C0's mean eigenvalue × I "
         "to λC0 (MEMIT, EMMET), so updates cannot grow along directions C0 rarely sees.",
     )
-    null_threshold: float | None = Field(
-        None,
+    null_threshold: float = Field(
+        1e-2,
         gt=0,
         description="AlphaEdit: C0's eigen-directions below this × the mean eigenvalue are "
-        "its null space; empty is 0.01 (none on SmolLM2-135M, which needs about 0.5).",
+        "its null space (none at 0.01 on SmolLM2-135M, which needs about 0.5).",
     )
     preserve_weight: float = Field(
         1.0,

@@ -250,7 +250,7 @@ class VersionedModel:
             pause = self._swap(version.version)
             swapped = time.perf_counter() - t
             if self.editor is not None:
-                self.editor.commit(update)
+                self.editor.preserve(update)
             return Applied(version, {"store": stored, "apply": swapped}, pause)
 
     def consolidate(self) -> Applied | None:
@@ -370,7 +370,7 @@ class VersionedModel:
         return record
 
     def record_scores(self, version: int, scores: Mapping[str, Any]) -> None:
-        """Keep an evaluation's scores in the version it judged (shown by `editd checkpoints`)."""
+        """Keep an evaluation's scores in the version it judged (shown by `editd versions`)."""
         self.store.record_scores(version, scores)
 
     # -- internals ----------------------------------------------------------------------------

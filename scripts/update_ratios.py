@@ -25,6 +25,7 @@ from editd.config import Settings
 from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.models.corpus import stats_corpus
+from editd.models.profile import with_profile
 from editd.versions import VersionedModel
 from editd.world.builtin import builtin_model_dir
 from editd.world.requests import make_requests
@@ -51,7 +52,9 @@ def main() -> None:
     if args.site:
         editing = editing.model_copy(update={"site": args.site})
     # The guard off, so that an oversized batch is measured and applied like any other.
-    config = dataclasses.replace(EditorConfig.from_settings(editing, path), max_update_ratio=None)
+    config = dataclasses.replace(
+        EditorConfig.from_settings(with_profile(editing, path, "editing")), max_update_ratio=None
+    )
     with tempfile.TemporaryDirectory(prefix="editd-ratios-") as tmp:
         cache = args.cache or Path(tmp)
         corpus = stats_corpus(handle, configured=None, cache_dir=cache, tokens=None)

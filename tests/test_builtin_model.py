@@ -14,7 +14,7 @@ from editd.world.builtin import builtin_model_dir
 from editd.world.evaluate import evaluate_model
 
 # The accuracy test scores a fixed random sample of each split; the README reports the figures
-# of `editd model eval` over every fact.
+# of `editd model score` over every fact.
 SAMPLE = 1500
 
 
@@ -49,9 +49,9 @@ def test_knows_its_world(model_dir: Path) -> None:
     assert result["heldout_template_multitoken_accuracy"] >= 0.90, result
 
 
-def test_model_eval_cli_prints_one_json_object() -> None:
+def test_model_score_cli_prints_one_json_object() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "editd", "model", "eval", "--json", "--limit", "100"],
+        [sys.executable, "-m", "editd", "model", "score", "--json", "--limit", "100"],
         check=True,
         capture_output=True,
         text=True,

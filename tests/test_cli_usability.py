@@ -39,3 +39,22 @@ def test_a_rollback_answer_reads_as_a_sentence() -> None:
         "the daemon at http://127.0.0.1:8000 rolled back from version 5 to 2; 6 facts undone, "
         "sent to the rejected topic"
     )
+
+
+def test_renamed_commands_keep_their_old_names_out_of_the_help() -> None:
+    # `editd eval` asks the running daemon; measuring the built-in model is `editd model score`.
+    parser = build_parser()
+    renamed = {
+        ("checkpoints",): ("versions",),
+        ("model", "eval"): ("model", "score"),
+    }
+    for old, new in renamed.items():
+        was, now = parser.parse_args([*old, "--json"]), parser.parse_args([*new, "--json"])
+        assert was.handler == now.handler and was.json and now.json
+        assert was.renamed_to == "editd " + " ".join(new)
+        assert getattr(now, "renamed_to", None) is None
+    top = parser.format_help()
+    assert " versions " in top and "checkpoints" not in top
+    model = parser._subparsers._group_actions[0].choices["model"].format_help()
+    assert " score " in model and " eval " not in model
+    assert parser.parse_args(["eval"]).handler == "editd.daemon.client:evaluate"

@@ -11,6 +11,7 @@ from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.targets import object_probability
 from editd.models.corpus import builtin_world_corpus
+from editd.models.profile import with_profile
 from editd.versions import VersionedModel
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,9 @@ def test_one_batch_of_32_becomes_top1(builtin: Path, c0_cache: Path, algo: str) 
     torch.manual_seed(0)
     handle = ModelHandle.load(builtin, device="cpu")
     requests = make_requests(32, seed=1)
-    config = EditorConfig.from_settings(EditingSettings(algo=algo), builtin)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(algo=algo), builtin, "editing")
+    )
     assert config.site == "prompt_last"  # the model's profile was read
     # Earlier batches keep MEMIT's weight relative to λ (1e-4), which is all EMMET depends on.
     assert config.preserve_weight / config.mom2_weight == pytest.approx(1e-4)
@@ -71,7 +74,9 @@ def test_one_batch_of_32_meets_the_es_ps_ns_floors(
     from editd.world.requests import make_requests
 
     handle = ModelHandle.load(builtin, device="cpu")
-    config = EditorConfig.from_settings(EditingSettings(algo=algo), builtin)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(algo=algo), builtin, "editing")
+    )
     editor = Editor(
         handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
     )
@@ -95,7 +100,9 @@ def test_consolidation_re_solves_every_live_fact_and_rolls_back_exactly(
     from editd.world.requests import make_requests
 
     handle = ModelHandle.load(builtin, device="cpu")
-    config = EditorConfig.from_settings(EditingSettings(algo="emmet"), builtin)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(algo="emmet"), builtin, "editing")
+    )
     editor = Editor(
         handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
     )
@@ -141,7 +148,9 @@ def test_a_gated_memory_serves_the_latest_value_of_a_fact_edited_twice(
         {**first[0].model_dump(exclude={"id"}), "target_new": second[0].target_new}
     )
     assert again.target_new != first[0].target_new
-    config = EditorConfig.from_settings(EditingSettings(memory="gated"), builtin)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(memory="gated"), builtin, "editing")
+    )
     editor = Editor(
         handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
     )

@@ -17,6 +17,7 @@ from editd.editing.targets import TargetConfig
 from editd.editing.trace import TraceDict
 from editd.facts import FactUpdate
 from editd.lowrank import tensor_sha256
+from editd.models.profile import with_profile
 
 FACTS = [
     FactUpdate(
@@ -153,9 +154,9 @@ def test_commit_preserves_keys_and_reset_to_rebuilds(model_dir: Path, tmp_path: 
     editor = _editor(handle, tmp_path)
     first = editor.compute_update(FACTS[:2])
     handle.set_deltas({n: u.dense() for n, u in first.layers.items()})
-    editor.commit(first)
+    editor.preserve(first)
     second = editor.compute_update(FACTS[2:])
-    editor.commit(second)
+    editor.preserve(second)
     name = editor.modules[0]
     pres = editor.preservation[name]
     assert pres.rank == 4
@@ -246,16 +247,21 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
             }
         )
     )
-    cfg = EditorConfig.from_settings(EditingSettings(layers=[2], mom2_weight=50.0), profiled)
+    cfg = EditorConfig.from_settings(
+        with_profile(EditingSettings(layers=[2], mom2_weight=50.0), profiled, "editing")
+    )
     assert cfg.site == "prompt_last" and cfg.layers == (2,) and cfg.targets.lr == 0.05
     assert cfg.mom2_weight == 50.0 and cfg.preserve_weight == 0.003
     assert cfg.max_update_ratio == 100.0
-    assert EditorConfig.from_settings(EditingSettings(), model_dir).site == "subject_last"
+    assert (
+        EditorConfig.from_settings(with_profile(EditingSettings(), model_dir, "editing")).site
+        == "subject_last"
+    )
 
     handle = ModelHandle.load(profiled, device="cpu")
     editor = Editor(
         handle,
-        EditorConfig.from_settings(EditingSettings(), profiled),
+        EditorConfig.from_settings(with_profile(EditingSettings(), profiled, "editing")),
         corpus=_corpus(),
         cache_dir=tmp_path / "cache",
         progress=False,
@@ -267,7 +273,7 @@ def test_model_profile_fills_what_the_user_left_unset(model_dir: Path, tmp_path:
 
     (profiled / "editd.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"editd\.json"):
-        EditorConfig.from_settings(EditingSettings(), profiled)
+        EditorConfig.from_settings(with_profile(EditingSettings(), profiled, "editing"))
 
 
 def test_prompt_last_site_solves_each_object_word_at_the_position_that_predicts_it() -> None:
@@ -308,7 +314,6 @@ def test_a_profile_carries_the_evaluators_thresholds_for_its_model(tmp_path: Pat
     import json
 
     from editd.config import EvalSettings
-    from editd.editing.editor import with_profile
 
     (tmp_path / "editd.json").write_text(
         json.dumps({"editing": {"layers": [1]}, "eval": {"min_ns": 0.5, "min_es": 0.85}})
@@ -351,3 +356,11 @@ def test_an_update_out_of_proportion_to_the_weight_is_refused_not_applied(
     with pytest.raises(UnrealisedUpdate, match=r"editing\.max_update_ratio"):
         strict.compute_update(FACTS)
     assert all(torch.equal(handle.weight(n), w) for n, w in before.items())
+
+
+def test_the_editor_takes_its_defaults_from_the_settings() -> None:
+    # One place for each default: an editor built from default settings is the default editor.
+    from editd.config import EditingSettings
+
+    assert EditorConfig.from_settings(EditingSettings()) == EditorConfig()
+    assert EditorConfig().mom2_weight == EditingSettings().mom2_weight

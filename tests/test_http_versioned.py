@@ -163,9 +163,9 @@ def test_an_evaluation_writes_its_scores_into_the_version_it_judged(
     assert scores is not None and scores["applied"] == judged["applied"]
     listed = {v["version"]: v for v in http.get("/v1/versions").json()["data"]}
     assert listed[1]["scores"]["applied"]["es"] == judged["applied"]["es"]
-    # `editd checkpoints` reads the store from disk while the daemon holds it.
+    # `editd versions` reads the store from disk while the daemon holds it.
     data_dir = service.model.store.root
-    assert main(["checkpoints", "--data-dir", str(data_dir)]) == 0
+    assert main(["versions", "--data-dir", str(data_dir)]) == 0
     rows = {line.lstrip("* ").split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["1"].split()[-4] == f"{judged['applied']['es']:.3f}"
     assert rows["0"].split()[-4:] == ["-", "-", "-", "-"]

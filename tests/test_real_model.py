@@ -12,6 +12,7 @@ import pytest
 
 from editd.editing.model import ModelHandle
 from editd.facts import FactUpdate
+from editd.models.profile import with_profile
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -29,7 +30,7 @@ def handle(smollm2_dir: Path) -> ModelHandle:
 
 
 def _greedy(handle: ModelHandle, prompt: str, n: int = 3) -> str:
-    from editd.editing.scoring import greedy_continuations
+    from editd.editing.decoding import greedy_continuations
     from editd.editing.subject import leading_special_ids
 
     tok = handle.tokenizer
@@ -67,7 +68,9 @@ def test_one_edit_changes_the_served_answer_and_nothing_else_it_was_asked(
     from editd.editing.stats import Corpus
 
     # A small C0 from real text keeps this test to seconds; the daemon's default is larger.
-    config = EditorConfig.from_settings(EditingSettings(stats_tokens=4096), handle.path)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(stats_tokens=4096), handle.path, "editing")
+    )
     assert config.site == "subject_last"  # the shipped profile was read
     corpus = Corpus.from_path(shared_data / "wikitext-2" / "valid.txt")
     editor = Editor(handle, config, corpus=corpus, cache_dir=tmp_path, progress=False)
@@ -92,7 +95,7 @@ def test_a_gated_fact_is_served_and_a_prompt_about_something_else_is_untouched(
     from editd.versions import VersionedModel
 
     config = EditorConfig.from_settings(
-        EditingSettings(stats_tokens=4096, memory="gated"), handle.path
+        with_profile(EditingSettings(stats_tokens=4096, memory="gated"), handle.path, "editing")
     )
     corpus = Corpus.from_path(shared_data / "wikitext-2" / "valid.txt")
     editor = Editor(handle, config, corpus=corpus, cache_dir=tmp_path, progress=False)
@@ -135,7 +138,9 @@ def test_an_applied_fact_changes_the_chat_answer_of_the_served_model(
         def readiness(self) -> dict[str, str]:
             return {"role": "editor"}
 
-    config = EditorConfig.from_settings(EditingSettings(stats_tokens=4096), handle.path)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(stats_tokens=4096), handle.path, "editing")
+    )
     corpus = Corpus.from_path(shared_data / "wikitext-2" / "valid.txt")
     editor = Editor(handle, config, corpus=corpus, cache_dir=tmp_path, progress=False)
     question = [{"role": "user", "content": "What is the mother tongue of Danielle Darrieux?"}]

@@ -9,13 +9,9 @@ import torch
 from test_scoring_primitives import make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from editd.editing.decoding import greedy_continuations
 from editd.editing.model import ModelHandle
-from editd.editing.scoring import (
-    encode_pair,
-    greedy_continuations,
-    prompt_text,
-    served_accuracy,
-)
+from editd.editing.scoring import encode_pair, prompt_text, served_accuracy
 from editd.editing.subject import leading_special_ids, pad_token_id
 from editd.facts import FactUpdate
 from editd.world.builtin import builtin_model_dir
@@ -198,3 +194,21 @@ def test_tokenizer_state_is_left_as_it_was(handle, requests):
 def test_an_empty_fact_list_scores_nothing(handle):
     s = served_accuracy(handle.model, handle.tokenizer, [])
     assert s.facts == 0 and all(math.isnan(v) for v in (s.es, s.ps, s.ns, s.ns_true))
+
+
+def test_the_server_says_greedily_what_served_scoring_measures(handle, requests):
+    # One decoder: a temperature-0 completion over HTTP is the greedy continuation that the
+    # served ES/PS compare with the new object.
+    from editd.daemon.generation import Generator, SamplingParams
+
+    tok = handle.tokenizer
+    prompts = mixed_prompts(requests)[:6]
+    ids = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    greedy = greedy_continuations(handle.model, ids, [4] * len(ids), pad_id=pad_token_id(tok))
+    served = Generator(handle, lambda: 0).complete(
+        prompts, SamplingParams(max_tokens=4, temperature=0)
+    )
+    for prompt_ids_, said, choice in zip(ids, greedy, served.choices, strict=True):
+        assert choice.completion_tokens == 4  # no EOS, so the texts are comparable
+        head = tok.decode(prompt_ids_, skip_special_tokens=True)
+        assert choice.text == tok.decode(prompt_ids_ + said, skip_special_tokens=True)[len(head) :]

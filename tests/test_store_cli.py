@@ -1,4 +1,4 @@
-"""`editd checkpoints` and `editd rollback`: against the stopped store (with the real Tansu
+"""`editd versions` and `editd rollback`: against the stopped store (with the real Tansu
 broker, and with none), through a running daemon's HTTP admin API, and refused while another
 process holds the store."""
 
@@ -51,7 +51,7 @@ def test_checkpoints_table_marks_a_consolidation(tmp_path, cli_env, capsys):
         store.create(base)
         commit_n(store, base, 2)
         store.commit(make_update(base, seed=7), [], {}, diagnostics={"consolidated": {}})
-    assert main(["checkpoints", "--data-dir", str(root)]) == 0
+    assert main(["versions", "--data-dir", str(root)]) == 0
     rows = {line.lstrip("* ").split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "committed [consolidation]" in rows["3"]
     assert "[consolidation]" not in rows["2"]
@@ -100,7 +100,7 @@ def test_checkpoints_table_and_json(store_dir, cli_env, capsys):
     with EditStore(store_dir) as store:
         store.open()
         store.rollback(3, "scores fell")
-    assert main(["checkpoints", "--data-dir", str(store_dir)]) == 0
+    assert main(["versions", "--data-dir", str(store_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "VERSION",
@@ -121,15 +121,21 @@ def test_checkpoints_table_and_json(store_dir, cli_env, capsys):
     assert rows["5"].split()[-4:] == ["0.500", "0.250", "0.750", "0.400"]
     assert rows["0"].split()[-4:] == ["-", "-", "-", "-"]
 
-    assert main(["checkpoints", "--data-dir", str(store_dir), "--json"]) == 0
+    assert main(["versions", "--data-dir", str(store_dir), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [v["version"] for v in listed] == [0, 1, 2, 3, 4, 5]
     assert [v["state"] for v in listed] == ["committed"] * 4 + ["undone"] * 2
     assert [v["facts"] for v in listed] == [0, 2, 2, 2, 2, 2]
     assert listed[3]["current"] is True and listed[4]["scores"]["ps"] == 0.875
 
-    assert main(["checkpoints", "--data-dir", str(store_dir.parent / "nothing")]) == 1
+    assert main(["versions", "--data-dir", str(store_dir.parent / "nothing")]) == 1
     assert "no edit store" in capsys.readouterr().err
+
+    # The former name still lists the same versions, and says what the command is called now.
+    assert main(["checkpoints", "--data-dir", str(store_dir), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == listed
+    assert "editd versions" in err
 
 
 def test_rollback_of_a_stopped_store_without_a_broker_keeps_facts_pending(

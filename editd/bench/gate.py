@@ -59,7 +59,7 @@ def random_memory(
 
 
 def time_completions(handle: Any, ids: list[list[int]], tokens: int, rounds: int) -> list[float]:
-    from editd.editing.scoring import greedy_continuations
+    from editd.editing.decoding import greedy_continuations
 
     pad = handle.tokenizer.eos_token_id or 0
     out = []

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from editd.config import Settings
+from editd.models.profile import PROFILE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         clamps=clamps,
         seed=args.seed,
     )
-    out = args.out or model_dir / "editd.json"
+    out = args.out or model_dir / PROFILE_FILE
     text = json.dumps(profile, indent=2) + "\n"
     Path(out).write_text(text)
     print(f"editd: profile written to {out}", file=sys.stderr)

@@ -13,16 +13,16 @@ version is still served. If a swap came in between, the KV cache holds the old w
 and values and continuing would mix two versions in one answer, so the stream ends there with
 finish_reason `version_changed`: everything it sent was computed with the version it named.
 
-Decoding is a plain loop with the KV cache (`past_key_values`, named `cache` in transformers 5):
-one forward over the prompt, then one token per step. Sampling draws from a `torch.Generator`
-seeded per choice (choice k of a request with `seed` s uses s + k), so a request with a `seed`
-gives the same text on the same model version and device, streamed or not.
+Decoding is `editd.editing.decoding.Decoder`, the KV-cached loop that served scoring uses too:
+one forward over the prompt, then one token per step, one row per choice; temperature 0 is its
+`greedy_token`. Sampling draws from a `torch.Generator` seeded per choice (choice k of a request
+with `seed` s uses s + k), so a request with a `seed` gives the same text on the same model
+version and device, streamed or not.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from editd.daemon.errors import InvalidRequest, ModelCorrupted
+from editd.editing.decoding import Decoder, Rows, greedy_token
 
 # "version_changed": a stream whose served version changed under it (see the module docstring).
 FinishReason = Literal["stop", "length", "version_changed"]
@@ -195,19 +196,7 @@ class Generator:
             eos.update(gen_eos)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.vocab_size: int = len(tok)
-        # transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; ask the
-        # model's forward which one it takes instead of pinning a version.
-        forward_params = inspect.signature(handle.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-        # Only the last position's logits are needed; older releases call this num_logits_to_keep.
-        self._keep_args: dict[str, int] = next(
-            (
-                {name: 1}
-                for name in ("logits_to_keep", "num_logits_to_keep")
-                if name in forward_params
-            ),
-            {},
-        )
+        self.decoder = Decoder(handle.model)
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -398,8 +387,7 @@ class _Decoding:
         self.finish: FinishReason | None = None
         self.lp: Logprobs | None = None if params.logprobs is None else Logprobs()
         self.prompt_lp: Logprobs | None = None
-        self.past: Any = None
-        self.next_ids = prompt_ids
+        self.rows: Rows | None = None  # the KV cache, once the prompt ran
         # Streaming: how much of the text and of the logprobs was handed out already.
         self._sent_text = -1  # -1: not even the echoed prompt yet
         self._sent_lp = 0
@@ -412,28 +400,26 @@ class _Decoding:
     def abandon(self, reason: FinishReason) -> None:
         if self.finish is None:
             self.finish = reason
-        self.past = None
+        self.rows = None
 
     @torch.inference_mode()
     def step(self) -> None:
         gen, params = self.gen, self.params
-        first = self.past is None and not self.generated
+        first = self.rows is None and not self.generated
         prompt_logprobs = first and params.echo and params.logprobs is not None
         if first and params.max_tokens == 0 and not prompt_logprobs:
             self.finish = "length"
             return
-        input_ids = torch.tensor([self.next_ids], device=gen.handle.device)  # (1, t)
-        keep = {} if prompt_logprobs else gen._keep_args
-        out = gen.handle.model(
-            input_ids=input_ids, use_cache=True, **keep, **{gen._cache_arg: self.past}
-        )
-        self.past = out[gen._cache_arg]
-        if prompt_logprobs:
-            self._record_prompt_logprobs(out.logits[0].float())
+        if self.rows is None:
+            self.rows = gen.decoder.prefill([self.prompt_ids], every_position=prompt_logprobs)
+        else:
+            self.rows.advance(torch.tensor([self.generated[-1]]))
+        if self.rows.prompt_logits is not None:
+            self._record_prompt_logprobs(self.rows.prompt_logits[0].float())
         if len(self.generated) >= params.max_tokens:
             self.abandon("length")
             return
-        logits = out.logits[0, -1].float()  # (vocab,)
+        logits = self.rows.logits[0].float()  # (vocab,)
         if not torch.isfinite(logits).all():
             raise ModelCorrupted("the model produced non-finite logits")
         token = _sample(logits, params, self.rng)
@@ -471,7 +457,6 @@ class _Decoding:
         if len(self.generated) >= params.max_tokens:
             self.abandon("length")
             return
-        self.next_ids = [token]
 
     def _record_prompt_logprobs(self, logits: torch.Tensor) -> None:
         """Log-probs of each prompt token given the ones before it; `logits` is (p, vocab)."""
@@ -568,7 +553,7 @@ class _Decoding:
 def _sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> int:
     """One token id from `logits` (vocab,): argmax at temperature 0, else nucleus sampling."""
     if params.temperature == 0:
-        return int(torch.argmax(logits))
+        return int(greedy_token(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

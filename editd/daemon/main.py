@@ -261,8 +261,8 @@ def _load(
 ) -> EditService:
     # The model loads here, after the socket and the broker are up (torch itself is imported
     # with this module, which takes a second or two, not the minutes a model can).
-    from editd.editing.editor import with_profile
     from editd.models.factory import load_model, make_editor
+    from editd.models.profile import with_profile
     from editd.models.registry import is_builtin
     from editd.monitoring.evaluator import Evaluator
     from editd.monitoring.policy import Baseline

@@ -10,20 +10,18 @@ differ only in the solver and the preservation matrix.
 
 The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
 model; applying it is `editd.versions.VersionedModel.apply`'s job (durable commit, then the
-swap under the write lock), which then calls `commit` so the editor preserves the batch's keys.
+swap under the write lock), which then calls `preserve` so the editor keeps the batch's keys.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -58,38 +56,45 @@ log = logging.getLogger(__name__)
 SPLITS = config.SPLITS
 
 
+# The engine's defaults for what the settings name are written once, in `editd.config`.
+_SETTINGS = config.EditingSettings()
+
+
 @dataclass(frozen=True)
 class EditorConfig:
-    algo: str = "emmet"
+    """How the editor edits; `from_settings` builds it from the merged `editing` section."""
+
+    algo: str = _SETTINGS.algo
     # "weights": updates add to the weights; "gated": each batch is a block of a gated memory
     # (editd.memory), opened where a layer-input matches one of its facts' keys.
-    memory: str = "weights"
-    gate_threshold: float = 0.6
-    gate_rank: int | None = None  # None: d_in, the whole whitening
+    memory: str = _SETTINGS.memory
+    gate_threshold: float = _SETTINGS.gate_threshold
+    gate_rank: int | None = _SETTINGS.gate_rank  # None: d_in, the whole whitening
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
-    site: str = "subject_last"  # where keys are read and δ is added (subject.render)
+    site: str = _SETTINGS.site  # where keys are read and δ is added (subject.render)
     # How the residual is split over layers: "joint" (solvers.layer_share) or MEMIT's "even".
     # On the built-in model (1,024 wide), 1,000 edits in batches of 100 kept canary 0.236 vs
     # 0.199 and ES 0.827 vs 0.812 with joint shares.
-    split: str = "joint"
-    mom2_weight: float = 1.0e4  # λ of λC0 (MEMIT, EMMET)
-    emmet_eps: float = 0.0
-    norm_weight: float = 0.0  # ρ of ENCORE's norm constraint (Preservation.from_c0)
+    split: str = _SETTINGS.layer_split
+    mom2_weight: float = _SETTINGS.mom2_weight  # λ of λC0 (MEMIT, EMMET)
+    emmet_eps: float = _SETTINGS.emmet_eps
+    norm_weight: float = _SETTINGS.norm_weight  # ρ of ENCORE's norm constraint
     alphaedit_alpha: float = 1.0  # α of αI (AlphaEdit)
-    null_threshold: float = 1e-2  # AlphaEdit: C0 eigenvalues below this × their mean
-    preserve_weight: float = 1.0  # weight of earlier batches' K Kᵀ in C
+    # AlphaEdit: C0 eigenvalues below this × their mean.
+    null_threshold: float = _SETTINGS.null_threshold
+    preserve_weight: float = _SETTINGS.preserve_weight  # weight of earlier batches' K Kᵀ in C
     # A batch's update larger than this × the weight it edits is refused (UnrealisedUpdate);
     # None: no limit. What a healthy batch moves differs between models by more than any one
     # limit allows (docs/guard), so only a model's profile sets one, measured on that model.
-    max_update_ratio: float | None = None
+    max_update_ratio: float | None = _SETTINGS.max_update_ratio
     # Facts between joint re-solves (VersionedModel.consolidate); None: never. The daemon
     # runs them; the editor only solves.
-    consolidate_every: int | None = None
+    consolidate_every: int | None = _SETTINGS.consolidate_every
     # EMMET's ε in the re-solve; None: emmet_eps. The targets of a re-solve are what each fact
     # already realised, so a soft ε shrinks them a second time (see Editor.consolidate).
-    consolidate_eps: float | None = None
+    consolidate_eps: float | None = _SETTINGS.consolidate_eps
     max_rank: int | None = None  # low-rank keys before refactoring; None: d_in / 4
-    stats_tokens: int | None = None  # None: 10 × d_in
+    stats_tokens: int | None = _SETTINGS.stats_tokens  # None: 10 × d_in
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
     targets: TargetConfig = field(default_factory=TargetConfig)
 
@@ -104,83 +109,41 @@ class EditorConfig:
             raise ValueError(f"unknown memory {self.memory!r}; choose from {FORMS}")
 
     @classmethod
-    def from_settings(cls, settings: Any, model_dir: str | Path | None = None) -> EditorConfig:
-        """From the `editing` section of the settings tree (`editd.config.EditingSettings`).
+    def from_settings(cls, settings: config.EditingSettings) -> EditorConfig:
+        """From the `editing` section of the merged settings: the user's keys over the model's
+        profile (`editd.models.factory.editor_config` merges them; the editor reads no file).
 
-        Keys the user set win; the others come from the model's profile (`PROFILE_FILE` in
-        `model_dir`), then from the field defaults.
+        Fields named as in the settings are taken as they are; the others are translated
+        below. Target keys left empty keep `TargetConfig`'s tuned defaults.
         """
-        merged = with_profile(settings, model_dir, "editing") if model_dir is not None else settings
         overrides = {
-            "steps": merged.target_steps,
-            "lr": merged.target_lr,
-            "kl_factor": merged.kl_factor,
-            "clamp_norm": merged.clamp_norm_factor,
-            "stop_prob": merged.target_stop_prob,
+            "steps": settings.target_steps,
+            "lr": settings.target_lr,
+            "kl_factor": settings.kl_factor,
+            "clamp_norm": settings.clamp_norm_factor,
+            "stop_prob": settings.target_stop_prob,
         }
-        targets = replace(TargetConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        prefixes = merged.key_prefixes
+        same = {
+            f.name: getattr(settings, f.name)
+            for f in fields(cls)
+            if f.name in type(settings).model_fields and f.name != "layers"
+        }
+        prefixes = settings.key_prefixes
         return cls(
-            algo=merged.algo,
-            memory=merged.memory,
-            gate_threshold=merged.gate_threshold,
-            gate_rank=merged.gate_rank,
-            layers=tuple(merged.layers) if merged.layers else None,
-            site=merged.site,
-            split=merged.layer_split,
-            mom2_weight=merged.mom2_weight,
-            emmet_eps=merged.emmet_eps,
-            norm_weight=merged.norm_weight,
-            preserve_weight=merged.preserve_weight,
-            max_update_ratio=merged.max_update_ratio,
-            **({"null_threshold": merged.null_threshold} if merged.null_threshold else {}),
-            stats_tokens=merged.stats_tokens,
-            consolidate_every=merged.consolidate_every,
-            consolidate_eps=merged.consolidate_eps,
+            **same,
+            layers=tuple(settings.layers) if settings.layers else None,
+            split=settings.layer_split,
             prefixes=tuple(prefixes) if prefixes is not None else DEFAULT_PREFIXES,
-            targets=targets,
+            targets=replace(
+                TargetConfig(), **{k: v for k, v in overrides.items() if v is not None}
+            ),
         )
-
-
-PROFILE_FILE = "editd.json"
-
-
-def model_profile(model_dir: str | Path, section: str = "editing") -> dict[str, Any]:
-    """Defaults shipped with a model: one section (`editing` or `eval` settings keys) of
-    `editd.json`.
-
-    Where facts live differs between models (MEMIT's per-model hyper-parameter files exist for
-    this reason): the built-in model looks facts up at the prompt's last token in its upper
-    MLPs, a Llama-3 at the subject in its early-middle ones. What scores a healthy edited
-    model reaches differs too (a 135M model's NS on CounterFact starts near 0.7), so the
-    evaluator's thresholds can come from the same file. A directory without the file, or a
-    file without the section, gets the engine's defaults.
-    """
-    path = Path(model_dir) / PROFILE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        profile = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable JSON profile: {exc}") from exc
-    part = profile.get(section, {}) if isinstance(profile, dict) else None
-    if not isinstance(part, dict):
-        raise ValueError(f"{path}: expected an object with an {section!r} object")
-    return dict(part)
-
-
-def with_profile(settings: Any, model_dir: str | Path, section: str) -> Any:
-    """`settings` (a settings section) with the keys the user left unset taken from the
-    model's profile; validated like a settings file, so a wrong key in a profile is named."""
-    return type(settings).model_validate(
-        {**model_profile(model_dir, section), **settings.model_dump(exclude_unset=True)}
-    )
 
 
 class Editor:
     """Computes batch updates for one model and keeps what sequential editing must preserve.
 
-    Not thread-safe: one editing thread calls `compute_update`, `commit` and `reset_to`.
+    Not thread-safe: one editing thread calls `compute_update`, `preserve` and `reset_to`.
     """
 
     def __init__(
@@ -286,7 +249,7 @@ class Editor:
         Reads the model under its read lock and leaves it unchanged: weights are never
         written (earlier layers' updates act through hooks scoped to this call's own forward
         passes, which other threads' requests do not see). Preservation state is not changed
-        either; call `commit` once the update is applied.
+        either; call `preserve` once the update is applied.
         """
         if not batch:
             raise ValueError("empty batch")
@@ -508,7 +471,7 @@ class Editor:
             layers=layers, diagnostics={"algo": self.config.algo, "consolidated": per_layer}
         )
 
-    def commit(self, update: EditUpdate) -> None:
+    def preserve(self, update: EditUpdate) -> None:
         """The daemon applied `update`: preserve its keys in later batches.
 
         A gated memory preserves nothing beyond λC0: a later batch's block opens only where

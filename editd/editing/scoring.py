@@ -20,7 +20,6 @@ scores ES 1 above and 0 there.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editd.editing.decoding import DEFAULT_BATCH_SIZE, greedy_continuations
 from editd.editing.subject import leading_special_ids, pad_rows, pad_token_id, render
 from editd.facts import FactUpdate
-
-DEFAULT_BATCH_SIZE = 64
 
 
 def join(prompt: str, obj: str) -> str:
@@ -413,89 +411,6 @@ def score_facts(
 
 
 # --- Served accuracy: what the model says when it generates, not what it prefers. ----------
-
-
-@torch.no_grad()
-def greedy_continuations(
-    model: PreTrainedModel,
-    prefixes: Sequence[Sequence[int]],
-    lengths: Sequence[int],
-    *,
-    pad_id: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[list[int]]:
-    """The first `lengths[i]` tokens the model generates greedily after `prefixes[i]`.
-
-    Decoding is argmax at every step, with no stop on EOS (a caller compares a fixed number of
-    tokens). Rows are left-padded into batches with an attention mask and `position_ids` that
-    count real tokens only, and decoded with the KV cache, so a row generates what it would
-    alone.
-    """
-    if len(prefixes) != len(lengths):
-        raise ValueError(f"{len(prefixes)} prefixes but {len(lengths)} lengths")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    for p, n in zip(prefixes, lengths, strict=True):
-        if not p:
-            raise ValueError("every prefix needs at least one token")
-        if n < 1:
-            raise ValueError(f"every continuation needs at least one token, got {n}")
-    device = next(model.parameters()).device
-    params = inspect.signature(model.forward).parameters
-    # transformers 5 renamed the KV-cache argument `past_key_values` to `cache`.
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    # Only the last position's logits are read; older releases call it num_logits_to_keep.
-    keep = next(
-        ({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {}
-    )
-    was_training = model.training
-    model.eval()
-    results: dict[int, list[int]] = {}
-    try:
-        # Rows of one batch run to the batch's longest continuation; sorting by that length
-        # (then by prompt length) keeps both the extra steps and the padding small.
-        order = sorted(range(len(prefixes)), key=lambda i: (lengths[i], len(prefixes[i])))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            steps = max(lengths[i] for i in chunk)
-            generated = _greedy_batch(
-                model, [prefixes[i] for i in chunk], steps, pad_id, device, cache_arg, keep
-            )
-            for i, row in zip(chunk, generated, strict=True):
-                results[i] = row[: lengths[i]]
-    finally:
-        model.train(was_training)
-    return [results[i] for i in range(len(prefixes))]
-
-
-def _greedy_batch(
-    model: PreTrainedModel,
-    prefixes: list[Sequence[int]],
-    steps: int,
-    pad_id: int,
-    device: torch.device,
-    cache_arg: str,
-    keep: dict[str, int],
-) -> list[list[int]]:
-    # Left padding: every row's last real token sits in the last column.
-    batch = pad_rows(prefixes, pad_id, left=True)
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    positions = batch.position_ids.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-    tokens = [out.logits[:, -1].argmax(-1)]  # (batch,) per step
-    for _ in range(steps - 1):
-        positions = positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        out = model(
-            input_ids=tokens[-1][:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **keep,
-            **{cache_arg: out[cache_arg]},
-        )
-        tokens.append(out.logits[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1).tolist()
 
 
 @dataclass(frozen=True)

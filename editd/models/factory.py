@@ -16,6 +16,7 @@ from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus
 from editd.models.corpus import stats_corpus
+from editd.models.profile import with_profile
 from editd.models.registry import resolve_model
 
 # Where C0 is cached when neither the caller nor `editing.stats_cache` says (the daemon passes
@@ -45,7 +46,7 @@ def editor_config(handle: ModelHandle, settings: Settings, algo: str | None = No
     editing = settings.editing
     if algo is not None:
         editing = editing.model_copy(update={"algo": algo})
-    return EditorConfig.from_settings(editing, handle.path)
+    return EditorConfig.from_settings(with_profile(editing, handle.path, "editing"))
 
 
 def make_editor(

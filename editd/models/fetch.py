@@ -25,6 +25,7 @@ from typing import Any
 
 from editd import durable
 from editd.models.gguf import GGUFImportError, Progress, import_gguf
+from editd.models.profile import PROFILE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def refresh_profile(spec: WheelModel, model_dir: Path, progress: Progress) -> No
     ever. A store made under the old profile is then refused at start, naming the setting
     that changed (VersionedModel), rather than edited under other settings.
     """
-    path = model_dir / "editd.json"
+    path = model_dir / PROFILE_FILE
     shipped = spec.load_profile()
     try:
         current = json.loads(path.read_text()) if path.is_file() else None

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from editd.models.profile import PROFILE_FILE
+
 log = logging.getLogger(__name__)
 
 # Prompts the conversion check runs through both models; any text works, these are short.
@@ -148,7 +150,7 @@ def import_gguf(
         progress(f"writing {staged.name}: safetensors, config, tokenizer")
         write_hf_dir(model, tokenizer, staged)
         if profile is not None:
-            (staged / "editd.json").write_text(json.dumps(profile, indent=2) + "\n")
+            (staged / PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
         progress("checking the written model's logits against the GGUF's")
         check_identical(model, tokenizer, staged)
         for f in staged.iterdir():

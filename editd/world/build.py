@@ -39,7 +39,7 @@ STOP_AT = {"train": 0.995, "heldout_template": 0.95}
 SAVE_DTYPE = torch.float16
 
 
-# How this model is edited (read by `editing.editor.model_profile`). Measured before its MLPs
+# How this model is edited (read by `editd.models.profile`). Measured before its MLPs
 # grew (growth changes no output): ablating each MLP at the subject's last token leaves
 # P(true object) unchanged for layers 1-5 (0.976 → ≥ 0.969, 70 facts); at the prompt's last
 # token layers 3-5 matter (0.71, 0.83, 0.67): the model looks facts up where the object is

@@ -1,4 +1,4 @@
-"""`editd model eval`: how well the built-in model knows its world."""
+"""`editd model score`: how well the built-in model knows its world."""
 
 from __future__ import annotations
 
