@@ -119,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "versions",
-        "editd.checkpoints:checkpoints",
+        "editd.version_commands:list_versions",
         "List model versions: created, facts, state, scores.",
     )
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     old_name(p, "checkpoints", "editd versions")
 
-    p = command("rollback", "editd.checkpoints:rollback", "Roll the model back to a version.")
+    p = command("rollback", "editd.version_commands:rollback", "Roll the model back to a version.")
     p.add_argument(
         "version", type=int, help="The version to serve again (see editd versions; 0: base)."
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from editd.checkpoints import render_rollback
 from editd.cli import build_parser
+from editd.version_commands import render_rollback
 
 
 def _options(parser: argparse.ArgumentParser, path: list[str]):

@@ -79,7 +79,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "monitoring",
             "store",
         ),
-        "checkpoints": ("config", "consumers", "daemon", "durable", "exitcodes", "store"),
+        "version_commands": ("config", "consumers", "daemon", "durable", "exitcodes", "store"),
         # The CLI names each handler as a "module:function" string and imports it only when
         # the command runs (`cli.resolve`), so its static imports stay light.
         "cli": ("config", "exitcodes"),

@@ -44,7 +44,7 @@ def store_dir(tmp_path):
     return root
 
 
-def test_checkpoints_table_marks_a_consolidation(tmp_path, cli_env, capsys):
+def test_versions_table_marks_a_consolidation(tmp_path, cli_env, capsys):
     root = tmp_path / "data"
     base = base_of(tiny_llama(torch.float32))
     with EditStore(root) as store:
@@ -96,7 +96,7 @@ def tansu():
         proc.wait(10)
 
 
-def test_checkpoints_table_and_json(store_dir, cli_env, capsys):
+def test_versions_table_and_json(store_dir, cli_env, capsys):
     with EditStore(store_dir) as store:
         store.open()
         store.rollback(3, "scores fell")

@@ -455,7 +455,7 @@ class EditService(Serving):
         return measure(self.handle, self.model.reading(), sample, probe, self.canary)
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
-        """Keep the scores in the version they judged (`editd checkpoints` shows them)."""
+        """Keep the scores in the version they judged (`editd versions` shows them)."""
         self.model.record_scores(evaluation.version, evaluation.as_dict())
 
     def policy_rollback(self, version: int, reason: str) -> None:

@@ -11,7 +11,7 @@ marks the versions it undoes, then moves `CURRENT`. On open, therefore:
   rollback that crashed before moving `CURRENT`: the marks are cleared and the records dropped,
   so the rollback did not happen and nobody hears that it did.
 
-A read-only open (`editd checkpoints`) changes nothing on disk; it reads the store as the
+A read-only open (`editd versions`) changes nothing on disk; it reads the store as the
 writer's next open would leave it.
 """
 

@@ -1,7 +1,7 @@
 """The versioned edit store: every batch a durable version, every version restorable bit for bit.
 
 `EditStore` is the one owner of a store directory; everyone (the daemon through
-`editd.versions.VersionedModel`, `editd checkpoints`/`rollback`, exports, replicas) goes
+`editd.versions.VersionedModel`, `editd versions`/`rollback`, exports, replicas) goes
 through it. It keeps the versions' records and the live version, and changes them in four
 ways: the editor's `commit` and `rollback`, the replica's `ingest` and `follow` (plus
 `reset_to_base` after a takeover). The jobs beneath it have one module each:
@@ -94,7 +94,7 @@ class EditStore:
     Commit the version before applying it to the served model, so that a served version always
     exists on disk. Always apply `store.deltas()` (not a product computed elsewhere): its bits
     are what the manifests fingerprint. One process writes (`readonly=False` takes an exclusive
-    flock); readers (`editd checkpoints`) open with `readonly=True`. Methods are thread-safe.
+    flock); readers (`editd versions`) open with `readonly=True`. Methods are thread-safe.
     """
 
     def __init__(

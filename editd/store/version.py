@@ -1,7 +1,7 @@
 """The typed record of one model version, as its `manifest.json` holds it.
 
 One `Version` is written per batch (and version 0 for the base model); the store, the daemon's
-`GET /v1/versions`, `editd checkpoints` and (later) replicas read the same record. Fact ids are
+`GET /v1/versions`, `editd versions` and (later) replicas read the same record. Fact ids are
 not stored beside the facts: they are the facts' `id` fields.
 """
 
@@ -110,7 +110,7 @@ class Version:
         )
 
     def summary(self, *, current: bool, rejected_pending: bool) -> dict[str, Any]:
-        """What `GET /v1/versions` and `editd checkpoints --json` show of a version."""
+        """What `GET /v1/versions` and `editd versions --json` show of a version."""
         return {
             "version": self.version,
             "parent": self.parent,

@@ -1,6 +1,6 @@
-"""`editd checkpoints` and `editd rollback`.
+"""`editd versions` and `editd rollback`.
 
-`checkpoints` reads the store directly (read-only, no lock), so it works whether or not the
+`versions` reads the store directly (read-only, no lock), so it works whether or not the
 daemon runs. `rollback` asks the running daemon first (`POST /v1/rollback`): only the daemon
 can swap the served weights. When nothing listens there, it rolls the stopped store back
 itself, through the store's one rollback (`EditStore.rollback`, the daemon's too), and checks
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 _SCORE_COLUMNS = SCORE_NAMES
 
 
-def checkpoints(args: argparse.Namespace, settings: Settings) -> int:
-    """`editd checkpoints [--json] [--data-dir DIR]`: list every version, undone ones too."""
+def list_versions(args: argparse.Namespace, settings: Settings) -> int:
+    """`editd versions [--json] [--data-dir DIR]`: list every version, undone ones too."""
     store = EditStore(settings.store.data_dir, readonly=True)
     try:
         store.open()
