@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="Benchmarks that print JSON.")
     bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
-    p = command("edit", "editd.bench.edit:main", "Sequential batched editing benchmark.", bsub)
+    p = command(
+        "edit", "editd.bench.edit_command:main", "Sequential batched editing benchmark.", bsub
+    )
     p.add_argument("--algo", choices=ALGOS, default="emmet", help=ALGO_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="Facts per edit batch.")
     p.add_argument("--edits", type=int, default=32, help="Facts edited in all.")

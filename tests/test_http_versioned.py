@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from editd.cli import main
 from editd.config import ServeSettings, Settings
 from editd.daemon.api import create_app
-from editd.daemon.service import EditService
+from editd.daemon.service import EditService, Guards
 from editd.editing.editor import Editor, EditorConfig
 from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus
@@ -146,7 +146,7 @@ def test_an_evaluation_writes_its_scores_into_the_version_it_judged(
 ) -> None:
     facts = make_requests(3, seed=5)
     probes = make_requests(3, seed=6)
-    service.evaluator = Evaluator.from_settings(
+    evaluator = Evaluator.from_settings(
         Settings().eval,
         score=service.score,
         rollback=service.policy_rollback,
@@ -154,6 +154,7 @@ def test_an_evaluation_writes_its_scores_into_the_version_it_judged(
         probe_facts=probes,
         on_evaluation=service.record_evaluation,
     )
+    service.guard_with(Guards(evaluator))
     service.apply_batch(facts)
     r = http.post("/v1/eval", headers=ADMIN)
     assert r.status_code == 200, r.text

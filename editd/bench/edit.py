@@ -12,12 +12,10 @@ each subject never saw in training, before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +27,8 @@ import torch
 from editd.config import Settings
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
-from editd.exitcodes import EXIT_OK, EXIT_USAGE
 from editd.facts import FactUpdate
-from editd.models.factory import load_model, make_editor
-from editd.models.registry import BUILTIN, is_builtin
+from editd.models.factory import make_editor
 from editd.versions import VersionedModel
 
 log = logging.getLogger(__name__)
@@ -315,60 +311,3 @@ def run_bench(
         "layers": list(editor.modules),
         "threads": torch.get_num_threads(),
     }
-
-
-def main(args: argparse.Namespace, settings: Settings) -> int:
-    if args.edits <= 0 or args.batch_size <= 0:
-        print("editd bench edit: --edits and --batch-size must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    handle = load_model(settings, args.model or BUILTIN)
-    workload = None
-    if args.dataset is not None:
-        workload = dataset_workload(handle, args.dataset, args.edits, args.seed, args.text)
-    elif not is_builtin(handle.path):
-        print(
-            "editd bench edit: a model other than the built-in one needs --dataset FILE",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if args.store is not None or args.curve is not None:
-        result = _lifelong(args, handle, settings, workload)
-    else:
-        result = run_bench(
-            handle,
-            settings,
-            algo=args.algo,
-            batch_size=args.batch_size,
-            edits=args.edits,
-            seed=args.seed,
-            workload=workload,
-        )
-    print_result(result, as_json=args.json)
-    return EXIT_OK
-
-
-def _lifelong(
-    args: argparse.Namespace, handle: ModelHandle, settings: Settings, workload: Workload | None
-) -> dict[str, Any]:
-    import shutil
-    import tempfile
-
-    from editd.bench.lifelong import run_lifelong
-
-    work = workload or world_workload(args.edits, args.seed)
-    store = args.store or Path(tempfile.mkdtemp(prefix="editd-lifelong-"))
-    try:
-        return run_lifelong(
-            handle,
-            settings,
-            algo=args.algo,
-            batch_size=args.batch_size,
-            work=work,
-            store_dir=store,
-            curve_path=args.curve,
-            curve_every=max(1, getattr(args, "curve_every", 100)),
-            consolidate_every=getattr(args, "consolidate_every", None),
-        )
-    finally:
-        if args.store is None:
-            shutil.rmtree(store, ignore_errors=True)

@@ -38,7 +38,6 @@ import json
 import logging
 import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +45,19 @@ from prometheus_client import generate_latest
 
 from editd import durable
 from editd.config import Settings
-from editd.consumers.security import KafkaSecurityError, check_connection, client_options
+from editd.consumers.security import KafkaSecurityError, client_options
 from editd.consumers.updates import TAKEOVER, VERSION, LogRecord, Refusal, UpdateLogReader
+from editd.daemon.boot import (
+    Daemon,
+    StoreFailure,
+    follow_servers,
+    load_handle,
+    open_versioned,
+    replica_modules,
+)
 from editd.daemon.errors import Conflict, FatalError
 from editd.daemon.serving import Serving
+from editd.exitcodes import EXIT_DISK_FULL, EXIT_FATAL, EXIT_KAFKA, EXIT_OK
 from editd.monitoring.metrics import Metrics
 from editd.store.store import UpdateRefused
 from editd.store.wire import WireError, decode_current, decode_version
@@ -316,11 +324,21 @@ class Follower:
 
 
 class ReplicaService(Serving):
-    """`api.Service` of a replica: serves completions; the admin calls live on the editor."""
+    """`api.Service` of a replica: serves completions; the admin calls live on the editor. It
+    owns its `Follower`, which the daemon runs (`Daemon.consume`)."""
 
-    def __init__(self, settings: Settings, model: VersionedModel, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, model: VersionedModel, metrics: Metrics, servers: list[str]
+    ) -> None:
         super().__init__(settings, model, metrics)
-        self.follower: Follower | None = None
+        self.follower = Follower(
+            model,
+            servers,
+            settings,
+            metrics,
+            on_fatal=self.on_fatal,
+            on_version=self.refresh_capacity,
+        )
 
         def changed(version: int) -> None:
             metrics.model_version.set(version)
@@ -331,17 +349,17 @@ class ReplicaService(Serving):
         self.refresh_capacity()
 
     def is_ready(self) -> bool:
-        return self._fatal is None and self.follower is not None and self.follower.caught_up
+        return self._fatal is None and self.follower.caught_up
 
     def readiness(self) -> dict[str, Any]:
         f = self.follower
         return {
             "role": "replica",
-            "lag_records": f.lag if f else None,
-            "accepting_versions": f.accepting if f else False,
-            "why": (f.refused or {}).get("why") if f and not f.accepting else None,
-            "editor": f.editor if f else None,
-            "took_over": f.took_over if f else None,
+            "lag_records": f.lag,
+            "accepting_versions": f.accepting,
+            "why": (f.refused or {}).get("why") if not f.accepting else None,
+            "editor": f.editor,
+            "took_over": f.took_over,
         }
 
     def rollback(self, version: int, reason: str) -> dict[str, Any]:
@@ -365,70 +383,38 @@ class ReplicaService(Serving):
             "ready": self.is_ready(),
             "fatal": str(self._fatal) if self._fatal else None,
             "served_sha256": self.model.served_sha256(),
-            "follow": self.follower.status() if self.follower else None,
+            "follow": self.follower.status(),
         }
 
 
-def serve_replica(
-    settings: Settings,
-    metrics: Metrics,
-    proxy: Any,
-    stop: threading.Event,
-    stoppers: list[Any],
-    stack: ExitStack,
-) -> int:
-    """The replica's part of `editd run` (main.run has bound HTTP and installed the signals)."""
-    from editd.daemon.main import (
-        EXIT_DISK_FULL,
-        EXIT_FATAL,
-        EXIT_KAFKA,
-        EXIT_OK,
-        StoreFailure,
-        open_versioned,
-    )
-    from editd.models.factory import editor_config, load_model
-
-    kafka = settings.kafka
-    # No servers: the editor's embedded broker on this machine.
-    servers = list(kafka.bootstrap_servers) or [f"127.0.0.1:{kafka.embedded_port}"]
+def serve_replica(daemon: Daemon) -> int:
+    """The replica's part of `editd run` (HTTP is served and the signals are installed):
+    the model, a store of its own, then follow the update log until stopped."""
+    settings = daemon.settings
     try:
-        check_connection(servers, kafka)
+        servers = follow_servers(settings)
     except KafkaSecurityError as exc:
         log.error("kafka: %s", exc)
         return EXIT_KAFKA
-    handle = load_model(settings)
-    # The editor's modules, from the same settings and profile: the first version record
-    # names any difference (see EditStore.ingest).
-    config = editor_config(handle, settings)
-    modules = [handle.module_name(i) for i in (config.layers or handle.default_layers())]
+    handle = load_handle(settings)
     try:
-        model = open_versioned(settings, handle, modules=sorted(modules))
+        model = open_versioned(settings, handle, modules=replica_modules(settings, handle))
     except StoreFailure as exc:
         log.error("%s", exc)
         return exc.code
-    stack.callback(model.close)
-    service = ReplicaService(settings, model, metrics)
-    follower = Follower(
-        model,
-        servers,
-        settings,
-        metrics,
-        on_fatal=service.on_fatal,
-        on_version=service.refresh_capacity,
-    )
-    service.follower = follower
-    proxy.target = service
-    stoppers.append(follower)
-    if stop.is_set():
+    daemon.on_stop(model.close)
+    service = ReplicaService(settings, model, daemon.metrics, servers)
+    daemon.serve(service)
+    if daemon.stopping:
         return EXIT_OK
     log.info(
         "replica: serving version %d, following %s on %s",
         model.current,
-        kafka.updates_topic,
+        settings.kafka.updates_topic,
         ",".join(servers),
     )
-    follower.run()
-    if follower.disk_full is not None:
+    daemon.consume(service.follower)
+    if service.follower.disk_full is not None:
         return EXIT_DISK_FULL
     if service.fatal:
         log.error("stopped: %s", service.fatal)

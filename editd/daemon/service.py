@@ -23,13 +23,12 @@ ids make the replay a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,11 +41,11 @@ from editd.consumers.updates import UpdateLogPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.serving import Serving
 from editd.editing.errors import Uneditable
-from editd.editing.scoring import canary_accuracy, score_facts
 from editd.facts import FactUpdate
 from editd.monitoring.evaluator import Evaluator
 from editd.monitoring.metrics import STAGES, Metrics
 from editd.monitoring.policy import Evaluation, Measurement
+from editd.monitoring.quality import CHECKS, Canary, measure
 from editd.store.store import StoreError
 from editd.store.wire import UpdateLogSource
 from editd.versions import Busy, VersionedModel
@@ -61,49 +60,19 @@ class DeviceError(FatalError):
 
 
 @dataclass(frozen=True)
-class Canary:
-    """Prompts whose greedy completions must stay right: the general-ability check."""
+class Guards:
+    """What judges the served versions: the evaluator, the canary its `score` asks, and the
+    checks that are off with why. Built once the base model is scored (daemon/boot.py) and
+    handed over whole (`EditService.guard_with`); until then `starting()` says why not."""
 
-    prompts: tuple[str, ...]
-    objects: tuple[str, ...]
+    evaluator: Evaluator[FactUpdate] | None = None
+    canary: Canary | None = None
+    checks_off: Mapping[str, str] = field(default_factory=dict)
 
-
-@contextlib.contextmanager
-def base_reading(handle: Any) -> Iterator[int]:
-    """Read the base model (version 0) through `handle`, whatever version it serves."""
-    with handle.reading(), handle.base_view():
-        yield 0
-
-
-def measure(
-    handle: Any,
-    reading: contextlib.AbstractContextManager[int],
-    sample: Sequence[FactUpdate],
-    probe: Sequence[FactUpdate],
-    canary: Canary | None,
-) -> Measurement:
-    """Score what `handle` serves inside one `reading` (which yields the version read), so
-    every number describes one version."""
-    with reading as version:
-        m, tok = handle.model, handle.tokenizer
-        applied = score_facts(m, tok, sample) if sample else None
-        probe_scores = score_facts(m, tok, probe)
-        counter = getattr(handle, "gate_counter", None)
-        mine = counter.mine() if counter is not None else None
-        seen = (mine.tokens, mine.fired) if mine is not None else (0, 0)
-        canary_score = (
-            canary_accuracy(m, tok, list(canary.prompts), list(canary.objects)) if canary else None
-        )
-        gated = getattr(handle, "memory", None) is not None
-        tokens = mine.tokens - seen[0] if mine is not None else 0
-        fires = (mine.fired - seen[1]) / tokens if gated and mine is not None and tokens else None
-    return Measurement(
-        version=version,
-        applied=applied,
-        probe=probe_scores,
-        canary=canary_score,
-        gate_fires=fires,
-    )
+    @classmethod
+    def starting(cls) -> Guards:
+        why = "the evaluator is starting (scoring the base model)"
+        return cls(checks_off=dict.fromkeys(CHECKS, why))
 
 
 class EditService(Serving):
@@ -114,20 +83,20 @@ class EditService(Serving):
         metrics: Metrics,
         *,
         bootstrap_servers: Sequence[str],
-        canary: Canary | None = None,
-        checks_off: dict[str, str] | None = None,
+        guards: Guards | None = None,
+        on_stop: Callable[[Exception], None] | None = None,
     ) -> None:
+        """`on_stop`: how the daemon stops consuming, called on a fatal error and when another
+        editor takes the update log over."""
         if model.editor is None:
             raise ValueError("the editing service needs a versioned model with an editor")
         super().__init__(settings, model, metrics)
         self.editor = model.editor
         self.bootstrap_servers = list(bootstrap_servers)
-        self.canary = canary
-        self.checks_off = dict(checks_off or {})  # check → why it is off
-        self.evaluator: Evaluator[FactUpdate] | None = None
-        self.consumer_lag: Any = None  # callable returning the lag, set by the daemon
-        self.consumer_stats: Any = None  # the consumer's ConsumerStats, set by the daemon
-        self.fatal_hook: Callable[[FatalError], None] | None = None  # the daemon stops on it
+        self.guards = guards or Guards()
+        self.on_stop = on_stop
+        self.consumer_lag: Any = None  # callable returning the lag (attach_consumer)
+        self.consumer_stats: Any = None  # the consumer's ConsumerStats (attach_consumer)
         self.publisher = OutboxPublisher(
             model.store.outbox,
             self.bootstrap_servers,
@@ -149,7 +118,6 @@ class EditService(Serving):
             on_published=metrics.update_log_version.set,
             on_taken=lambda exc: self.on_update_log_taken(exc),
         )
-        self.update_log_hook: Callable[[Exception], None] | None = None  # the daemon stops
         self.disk_full: OSError | None = None  # the error that stopped the daemon, if any
 
         def changed(version: int) -> None:
@@ -188,6 +156,15 @@ class EditService(Serving):
         thread = threading.Thread(target=run, name="editd-prepare", daemon=True)
         thread.start()
         return thread
+
+    def guard_with(self, guards: Guards) -> None:
+        """Hand the evaluator over (the caller holds the version lock, so no version lands
+        between the evaluator's rebuilt sample and this)."""
+        self.guards = guards
+
+    @property
+    def evaluator(self) -> Evaluator[FactUpdate] | None:
+        return self.guards.evaluator
 
     def start(self) -> None:
         """Start the publishers: rejected facts (draining what an earlier run left too) and the
@@ -236,10 +213,11 @@ class EditService(Serving):
     def on_update_log_taken(self, exc: Exception) -> None:
         """Another editor took the update log over: this one stops (its replicas follow the
         other); the daemon exits with EXIT_UPDATE_LOG_TAKEN."""
-        if self.update_log_hook is not None:
-            self.update_log_hook(exc)
+        if self.on_stop is not None:
+            self.on_stop(exc)
 
     def status(self) -> dict[str, Any]:
+        off = self.guards.checks_off
         return {
             "model": self.model_name,
             "version": self.model.current,
@@ -252,10 +230,7 @@ class EditService(Serving):
             "served_sha256": self.model.served_sha256(),
             "memory": {**self.memory_status(), "form": self.editor.config.memory},
             "stats": dict(self._stats),
-            "checks": {
-                check: {"on": check not in self.checks_off, "why": self.checks_off.get(check)}
-                for check in ("applied", "probe", "canary")
-            },
+            "checks": {check: {"on": check not in off, "why": off.get(check)} for check in CHECKS},
             "rejected_pending": self.model.store.outbox.facts_pending(),
             "update_log": {
                 "topic": self.updates.topic,
@@ -274,8 +249,8 @@ class EditService(Serving):
 
     def on_fatal(self, error: FatalError) -> None:
         super().on_fatal(error)
-        if self.fatal_hook is not None:
-            self.fatal_hook(error)
+        if self.on_stop is not None:
+            self.on_stop(error)
 
     # -- the consumer's side --------------------------------------------------------------
 
@@ -452,7 +427,7 @@ class EditService(Serving):
     # -- the evaluator's side -------------------------------------------------------------
 
     def score(self, sample: Sequence[FactUpdate], probe: Sequence[FactUpdate]) -> Measurement:
-        return measure(self.handle, self.model.reading(), sample, probe, self.canary)
+        return measure(self.handle, self.model.reading(), sample, probe, self.guards.canary)
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
         """Keep the scores in the version they judged (`editd versions` shows them)."""

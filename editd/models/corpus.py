@@ -19,7 +19,7 @@ import torch
 
 from editd.editing.model import ModelHandle
 from editd.editing.stats import Corpus, default_budget
-from editd.models.registry import is_builtin
+from editd.world.builtin import is_builtin
 
 log = logging.getLogger(__name__)
 

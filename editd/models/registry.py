@@ -12,16 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from editd.models.fetch import FETCHABLE, SMOLLM2, Progress, fetch
+from editd.world.builtin import is_builtin
+
+__all__ = ["BUILTIN", "DEFAULT", "is_builtin", "resolve_model"]
 
 BUILTIN = "builtin"
 DEFAULT = SMOLLM2.name
-
-
-def is_builtin(model_dir: Path | None) -> bool:
-    """Whether `model_dir` is the packaged built-in model's directory."""
-    from editd.world.builtin import builtin_model_dir
-
-    return model_dir is not None and Path(model_dir).resolve() == builtin_model_dir().resolve()
 
 
 def resolve_model(

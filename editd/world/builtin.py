@@ -17,3 +17,8 @@ def builtin_model_dir() -> Path:
             f"the built-in model is missing from {ASSETS}; rebuild it with `editd model build`"
         )
     return ASSETS
+
+
+def is_builtin(model_dir: Path | None) -> bool:
+    """Whether `model_dir` is the packaged built-in model's directory."""
+    return model_dir is not None and Path(model_dir).resolve() == builtin_model_dir().resolve()
