@@ -171,6 +171,11 @@ class EditingSettings(Section):
     key_prefixes: list[str] | None = Field(
         None, description="Context prefixes keys are averaged over; empty: the engine's."
     )
+    target_prefixes: list[str] | None = Field(
+        None,
+        description="Context prefixes a fact's target is optimised under (every one must "
+        "reach the stop probability); empty: the bare prompt.",
+    )
     module_template: str = "model.layers.{}.mlp.down_proj"
     mom2_weight: float = Field(
         1.0e4, gt=0, description="λ: weight of the preserved key covariance C0."

@@ -364,3 +364,13 @@ def test_the_editor_takes_its_defaults_from_the_settings() -> None:
 
     assert EditorConfig.from_settings(EditingSettings()) == EditorConfig()
     assert EditorConfig().mom2_weight == EditingSettings().mom2_weight
+
+
+def test_target_prefixes_reach_the_target_optimisation() -> None:
+    from editd.config import EditingSettings
+
+    prefixes = ["", "Note that "]
+    config = EditorConfig.from_settings(EditingSettings(target_prefixes=prefixes))
+    assert config.targets.prefixes == tuple(prefixes)
+    # Unset, the bare prompt the targets were tuned with.
+    assert EditorConfig.from_settings(EditingSettings()).targets.prefixes == ("",)

@@ -122,6 +122,7 @@ class EditorConfig:
             "kl_factor": settings.kl_factor,
             "clamp_norm": settings.clamp_norm_factor,
             "stop_prob": settings.target_stop_prob,
+            "prefixes": tuple(settings.target_prefixes) if settings.target_prefixes else None,
         }
         same = {
             f.name: getattr(settings, f.name)
