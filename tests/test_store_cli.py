@@ -213,29 +213,40 @@ def test_a_stopped_rollback_restores_the_exact_weights_a_restarted_model_serves(
         model.close()
 
 
+GATED_TEXT = torch.tensor([[5, 9, 13, 17]])
+
+
+def _gated_modules(handle) -> list[str]:
+    return [handle.module_name(i) for i in (1, 2)]
+
+
+def _two_gated_versions(root: Path):
+    """A gated store at `root` with versions 1 and 2; version 1 and the logits it served."""
+    handle = tiny_handle()
+    model = VersionedModel.open(handle, root, modules=_gated_modules(handle))
+    try:
+        v1 = model.apply(gated_update(handle, GATED_TEXT, 1, seed=1), facts(1)).version
+        at_1 = handle.model(input_ids=GATED_TEXT).logits.clone()
+        model.apply(gated_update(handle, GATED_TEXT, 2, seed=2), facts(2))
+        assert not torch.equal(handle.model(input_ids=GATED_TEXT).logits, at_1)
+    finally:
+        model.close()
+    return v1, at_1
+
+
 def test_a_stopped_rollback_to_a_gated_version_restores_what_it_served(tmp_path, cli_env, capsys):
     """A gated store: the rollback is checked on the memory's chain, and the restarted model
     answers as it did at that version."""
-    handle = tiny_handle()
-    names = [handle.module_name(i) for i in (1, 2)]
-    text = torch.tensor([[5, 9, 13, 17]])
     root = tmp_path / "data"
-    model = VersionedModel.open(handle, root, modules=names)
-    try:
-        v1 = model.apply(gated_update(handle, text, 1, seed=1), facts(1)).version
-        at_1 = handle.model(input_ids=text).logits.clone()
-        model.apply(gated_update(handle, text, 2, seed=2), facts(2))
-        assert not torch.equal(handle.model(input_ids=text).logits, at_1)
-    finally:
-        model.close()
+    v1, at_1 = _two_gated_versions(root)
     assert main(["rollback", "1", "--data-dir", str(root)]) == 0
     capsys.readouterr()
 
     restarted = tiny_handle()
-    model = VersionedModel.open(restarted, root, modules=names)
+    model = VersionedModel.open(restarted, root, modules=_gated_modules(restarted))
     try:
         assert model.current == 1 and model.served_sha256() == v1.sha256
-        assert torch.equal(restarted.model(input_ids=text).logits, at_1)
+        assert torch.equal(restarted.model(input_ids=GATED_TEXT).logits, at_1)
     finally:
         model.close()
 
@@ -258,16 +269,8 @@ def test_a_stopped_rollback_to_a_version_that_does_not_rebuild_says_so(store_dir
 
 
 def test_a_stopped_rollback_checks_the_gated_memory_chain(tmp_path, cli_env, capsys):
-    handle = tiny_handle()
-    names = [handle.module_name(i) for i in (1, 2)]
-    text = torch.tensor([[5, 9, 13, 17]])
     root = tmp_path / "data"
-    model = VersionedModel.open(handle, root, modules=names)
-    try:
-        for v in (1, 2):
-            model.apply(gated_update(handle, text, v, seed=v), facts(v))
-    finally:
-        model.close()
+    _two_gated_versions(root)
     # The weights of a gated store are the base; only the memory's chain sees this.
     _rot(root / "versions" / "000001" / "update.safetensors", "_gate.facts")
     assert main(["rollback", "1", "--data-dir", str(root)]) == EXIT_RESTORE_FAILED
