@@ -53,3 +53,27 @@ def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
     # The unedited model's figures are kept beside the store: a later sitting reads them.
     unedited = json.loads((tmp_path / "store.unedited.json").read_text())
     assert unedited["scores"]["es"] == result["es_base"]
+
+
+def test_facts_per_second_counts_only_the_edits_it_timed(tmp_path):
+    """A run stopped between a commit and its curve point lost that batch's editing time: the
+    resumed run's facts/s must not credit those facts to the time it measured itself."""
+    settings = Settings()
+    handle = load_model(settings, BUILTIN)
+    work = world_workload(20, seed=6, canary_size=50)
+    store, curve = tmp_path / "store", tmp_path / "curve.jsonl"
+    common = dict(algo="emmet", batch_size=10, store_dir=store, curve_path=curve, curve_every=10)
+
+    first = dataclasses.replace(work, requests=work.requests[:10])
+    run_lifelong(handle, settings, work=first, **common)
+    curve.unlink()  # the point of the first 10 edits never got written
+    handle.reset()
+
+    result = run_lifelong(handle, settings, work=work, **common)
+    (point,) = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert point["edits"] == 20
+    # edit_seconds is written rounded to 0.1 s.
+    seconds = point["edit_seconds"]
+    assert 10 / (seconds + 0.05) <= point["facts_per_second"] <= 10 / max(seconds - 0.05, 1e-6)
+    assert result["untimed_edits"] == 10
+    assert result["facts_per_second"] == pytest.approx(10 / result["edit_seconds"])

@@ -116,8 +116,10 @@ def run_lifelong(
             log.info("resuming: %d of %d edits are in %s", len(done), len(requests), store_dir)
         points = _read_curve(curve_path)
         runs: list[EditRun] = []
-        seconds_before = sum(p.get("edit_seconds_this_point", 0.0) for p in points)
-        edit_seconds = seconds_before
+        edit_seconds = sum(p.get("edit_seconds_this_point", 0.0) for p in points)
+        # Facts whose editing time no point recorded (a process stopped between a commit and
+        # its point, or a curve file removed): they count in the curve, not in facts/s.
+        untimed = max(0, len(done) - (points[-1]["edits"] if points else 0))
         while todo:
             # Up to the next curve point, in whole batches.
             next_point = (len(done) // curve_every + 1) * curve_every
@@ -142,7 +144,7 @@ def run_lifelong(
                 **measure(handle, work, done),
                 "edit_seconds": round(edit_seconds, 1),
                 "edit_seconds_this_point": round(run.seconds, 1),
-                "facts_per_second": len(done) / edit_seconds if edit_seconds else None,
+                "facts_per_second": (len(done) - untimed) / edit_seconds if edit_seconds else None,
                 **_capacity(model, editor),
                 "consolidate_seconds": consolidated,
             }
@@ -193,7 +195,8 @@ def run_lifelong(
             "perplexity_base": base_ppl,
             "perplexity_ratio": _ratio(after_ppl, base_ppl),
             "edit_seconds": edit_seconds,
-            "facts_per_second": len(requests) / edit_seconds if edit_seconds else None,
+            "facts_per_second": (len(requests) - untimed) / edit_seconds if edit_seconds else None,
+            "untimed_edits": untimed,
             "scoring_seconds": scoring_seconds,
             "model": handle.identity,
             "layers": list(editor.modules),
