@@ -6,6 +6,8 @@
 # METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
 # emmet-ridge, emmet-wide-ridge, emmet-seven, gated, gated-exact.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
+# CURVE_EVERY=N measures a curve point every N edits (default 100; a point over 100 sampled edits
+# costs about twice a batch's edit, so long runs may space them out).
 # CONSOLIDATE=N re-solves every live fact jointly after each N edits (`--consolidate-every`);
 # its runs are named METHOD-cN-EDITS, or METHOD-cNeE-EDITS with the re-solve's ε set by
 # CONSOLIDATE_EPS=E. SEED=S draws another edit order (default 0); its runs are named METHOD-sS-EDITS.
@@ -81,6 +83,6 @@ for method in ${methods[@]}; do
   env "${env[@]}" editd bench edit --model smollm2-135m --algo "$algo" \
     --dataset "$data/counterfact/counterfact-edit.json" --text "$data/wikitext-2/valid.txt" \
     --edits "$edits" --batch-size 100 --seed "${SEED:-0}" \
-    --store "$work/$name-$edits" --curve "$out/$name-$edits.jsonl" --curve-every 100 \
+    --store "$work/$name-$edits" --curve "$out/$name-$edits.jsonl" --curve-every "${CURVE_EVERY:-100}" \
     "${extra[@]}" --json > "$out/$name-$edits.json"
 done
