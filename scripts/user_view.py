@@ -48,7 +48,16 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=6 * 3600.0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--answers-from-store",
+        action="store_true",
+        help="the daemon has run in --workdir: read the answers from its store's current "
+        "version (VersionedModel and the server's greedy decoder, in batches) instead of over "
+        "HTTP, where a request's prompts are decoded one after another",
+    )
     args = p.parse_args()
+    if args.answers_from_store:
+        return answers_from_store(args)
 
     facts = draw(split(load_dataset(args.dataset), "eval"), args.facts, args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="editd-user-view-"))
@@ -143,6 +152,41 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("examples", "last_evaluation")}))
+    return 0
+
+
+def answers_from_store(args: argparse.Namespace) -> int:
+    """Score the greedy answers of the version the daemon in `--workdir` serves last."""
+    from editd.bench.edit import served
+    from editd.config import Settings
+    from editd.models.factory import load_model, make_editor
+    from editd.versions import VersionedModel
+
+    work = args.workdir
+    facts = [FactUpdate.model_validate_json(line) for line in (work / "facts.jsonl").open()]
+    settings = Settings()
+    handle = load_model(settings, args.model or "smollm2-135m")
+    model = VersionedModel.open(handle, work / "data", editor=make_editor(handle, settings))
+    try:
+        t = time.perf_counter()
+        # Edit prompts and paraphrases: what a user asks about a fact they published.
+        asked = [f.model_copy(update={"neighborhood_prompts": ()}) for f in facts]
+        scores = served(handle, asked)
+        seconds = time.perf_counter() - t
+        version = model.current
+    finally:
+        model.close()
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["answers_from_store"] = {
+        "version": version,
+        "facts": len(facts),
+        "stated_edit_share": scores["es"],
+        "stated_paraphrase_share": scores["ps"],
+        "seconds": round(seconds, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["answers_from_store"]))
     return 0
 
 
