@@ -8,7 +8,7 @@ run:
 test:
 	scripts/setup.sh test
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q -p no:cacheprovider
+	.venv/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The suite minus the tests that take long, start the embedded broker, or fetch SmolLM2.
 test-fast:

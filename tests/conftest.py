@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,24 @@ def c0_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDITD_EDITING__STATS_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cores_per_worker() -> Iterator[None]:
+    """Under pytest-xdist (`make test` runs two workers) each worker, and every daemon or bench
+    it starts, takes its share of the cores. Torch's default of one thread per core in each of
+    two workers oversubscribes them, and its threads then wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        yield
+        return
+    import torch
+
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", str(share))
+        yield
 
 
 @pytest.fixture(scope="module")

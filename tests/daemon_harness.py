@@ -72,7 +72,8 @@ class Daemon:
             # Each test says what it evaluates; by default nothing rolls back behind its back.
             "EDITD_EVAL__INTERVAL_SECONDS": "3600",
             "EDITD_EVAL__AFTER_EACH_VERSION": "false",
-            "OMP_NUM_THREADS": "2",
+            # Two unless the run says otherwise (each pytest-xdist worker's share).
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
             # The fast tests serve the packaged world model; the real-model tests say so.
             "EDITD_MODEL__PATH": "builtin",
             "EDITD_KAFKA__UPDATES_TOPIC": self.updates_topic,
