@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -280,5 +279,4 @@ def listing(work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "user-view"
     sys.exit(main())

@@ -24,19 +24,26 @@ def test_spread_takes_early_and_late_edits_alike():
     assert spread(items, 5) == [0, 2, 4, 6, 8]
 
 
-def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
+def _two_sittings(tmp_path, *, seed, batch_size, between=lambda: None):
+    """20 world edits as a long run does them: a first sitting stops after 10 (as a killed
+    run would, at a batch boundary), `between` runs, and a second sitting resumes to 20.
+    Returns the second sitting's result, the workload, and the store and curve paths."""
     settings = Settings()
     handle = load_model(settings, BUILTIN)
-    work = world_workload(20, seed=5, canary_size=50)
+    work = world_workload(20, seed=seed, canary_size=50)
     store, curve = tmp_path / "store", tmp_path / "curve.jsonl"
-    common = dict(algo="emmet", batch_size=5, store_dir=store, curve_path=curve, curve_every=10)
-
-    # The first sitting stops after 10 edits (as a killed run would, at a batch boundary).
+    common = dict(
+        algo="emmet", batch_size=batch_size, store_dir=store, curve_path=curve, curve_every=10
+    )
     first = dataclasses.replace(work, requests=work.requests[:10])
     run_lifelong(handle, settings, work=first, **common)
+    between()
     handle.reset()  # a new process: the handle serves the base until the store is opened
+    return run_lifelong(handle, settings, work=work, **common), work, store, curve
 
-    result = run_lifelong(handle, settings, work=work, **common)
+
+def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
+    result, work, store, curve = _two_sittings(tmp_path, seed=5, batch_size=5)
     points = [json.loads(line) for line in curve.read_text().splitlines()]
     assert [p["edits"] for p in points] == [10, 20]
     assert [p["version"] for p in points] == [2, 4]
@@ -58,18 +65,9 @@ def test_a_lifelong_run_resumes_from_its_store_and_extends_its_curve(tmp_path):
 def test_facts_per_second_counts_only_the_edits_it_timed(tmp_path):
     """A run stopped between a commit and its curve point lost that batch's editing time: the
     resumed run's facts/s must not credit those facts to the time it measured itself."""
-    settings = Settings()
-    handle = load_model(settings, BUILTIN)
-    work = world_workload(20, seed=6, canary_size=50)
-    store, curve = tmp_path / "store", tmp_path / "curve.jsonl"
-    common = dict(algo="emmet", batch_size=10, store_dir=store, curve_path=curve, curve_every=10)
-
-    first = dataclasses.replace(work, requests=work.requests[:10])
-    run_lifelong(handle, settings, work=first, **common)
-    curve.unlink()  # the point of the first 10 edits never got written
-    handle.reset()
-
-    result = run_lifelong(handle, settings, work=work, **common)
+    curve = tmp_path / "curve.jsonl"
+    # The point of the first 10 edits never got written.
+    result, *_ = _two_sittings(tmp_path, seed=6, batch_size=10, between=curve.unlink)
     (point,) = [json.loads(line) for line in curve.read_text().splitlines()]
     assert point["edits"] == 20
     # edit_seconds is written rounded to 0.1 s.
