@@ -57,3 +57,24 @@ def draw(
         if len(out) == n:
             return out
     raise ValueError(f"the dataset holds only {len(out)} usable records with distinct subjects")
+
+
+def others_for_known(
+    facts: list[FactUpdate], requests: list[FactUpdate], n: int, seed: int
+) -> list[FactUpdate]:
+    """Up to `n` records whose subjects no request edits, to check known facts against.
+
+    They come from the evaluation split, as long as it has `n` subjects left over. A run that
+    edits nearly every subject of the split (CounterFact's ~7,700) leaves too few, and then
+    they come from the held-out split: it only ever chose settings, and these records are
+    checked, never edited or tuned on.
+    """
+    edited = {f.subject for f in requests}
+    pool = split(facts, "eval")
+    left = len({f.subject for f in pool} - edited)
+    if left < n:
+        pool = split(facts, "heldout")
+        left = len({f.subject for f in pool} - edited)
+    if min(left, n) == 0:
+        return []
+    return draw(pool, min(left, n), seed, exclude_subjects=edited)

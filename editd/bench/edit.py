@@ -167,18 +167,13 @@ def dataset_workload(
     """`edits` records of a real dataset (its evaluation split, drawn by `seed`); the canary is
     the model's own answers to the shipped prompts; `known` are other records whose true
     object the unedited model prefers, re-checked after editing."""
-    from editd.bench.data import draw, load_dataset, split
+    from editd.bench.data import draw, load_dataset, others_for_known, split
     from editd.editing.scoring import canary_pairs
     from editd.monitoring.canary import canary_prompts
 
-    pool = split(load_dataset(dataset), "eval")
-    requests = draw(pool, edits, seed)
-    others = draw(
-        pool,
-        min(len(pool) - edits, 4 * KNOWN_FACTS),
-        seed + 1,
-        exclude_subjects={f.subject for f in requests},
-    )
+    facts = load_dataset(dataset)
+    requests = draw(split(facts, "eval"), edits, seed)
+    others = others_for_known(facts, requests, 4 * KNOWN_FACTS, seed + 1)
     with handle.reading():
         prompts, objects = canary_pairs(handle.model, handle.tokenizer, canary_prompts())
         scored = fact_logprobs(handle.model, handle.tokenizer, others)
