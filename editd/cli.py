@@ -306,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="Passes over the prompts per N.")
     p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--json", action="store_true", help="JSON lines (the only output).")
+    p = command(
+        "serve", "editd.bench.serve:main", "One request of many prompts, by batch rows.", bsub
+    )
+    p.add_argument("--model", type=Path, help="Directory or name (default: the daemon's).")
+    p.add_argument("--prompts", type=int, default=32, help="Prompts in the request.")
+    p.add_argument("--tokens", type=int, default=8, help="Tokens per completion.")
+    p.add_argument("--rows", default="1,32", help="serve.max_batch_rows values, comma-separated.")
+    p.add_argument("--rounds", type=int, default=3, help="Requests per setting.")
+    p.add_argument("--json", action="store_true", help="JSON lines (the only output).")
     p = command("study", "editd.bench.study:main", "Batch-size study; writes JSON and PNG.", bsub)
     p.add_argument("--out", type=Path, default=Path("docs/study"), help="Output directory.")
     p.add_argument("--model", type=Path, help="Directory or name (default: builtin).")

@@ -288,6 +288,8 @@ class ServeSettings(Section):
     api_key: SecretStr | None = None
     max_prompt_chars: int = Field(4096, gt=0)
     max_tokens: int = Field(256, gt=0)
+    # A request's choices are decoded together, this many rows per forward (1: one by one).
+    max_batch_rows: int = Field(32, gt=0)
 
 
 class StoreSettings(Section):

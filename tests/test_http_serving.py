@@ -362,6 +362,86 @@ def test_logprobs_match_the_model_distribution(daemon: Daemon) -> None:
         assert value == pytest.approx(max(top.values()))
 
 
+PROMPTS = [
+    PROMPT,
+    "Toko Yasuda plays the",
+    "The headquarters of Nokia are in Espoo, Finland, and the mother tongue of",
+    "Paris",
+    "The Eiffel Tower is located in",
+]
+
+
+def _count_forwards(model: torch.nn.Module) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, hook
+
+
+@pytest.mark.parametrize("rows", [32, 2])
+def test_a_request_of_several_prompts_decodes_them_together_as_each_alone(
+    daemon: Daemon, rows: int
+) -> None:
+    daemon.swap_to(0)
+    gen = Generator(daemon.handle, daemon.model_version, max_batch_rows=rows)
+    alone = [
+        gen.complete([p], SamplingParams(max_tokens=7, temperature=0)).choices[0] for p in PROMPTS
+    ]
+    calls, hook = _count_forwards(daemon.handle.model)
+    try:
+        together = gen.complete(PROMPTS, SamplingParams(max_tokens=7, temperature=0))
+    finally:
+        hook.remove()
+    assert [c.text for c in together.choices] == [c.text for c in alone]
+    assert [c.prompt_tokens for c in together.choices] == [c.prompt_tokens for c in alone]
+    # One forward over the prompts, then one per token, per batch of `rows` choices; EOS may
+    # end every row of a batch early.
+    batches = -(-len(PROMPTS) // rows)
+    assert len(calls) <= batches * 7
+    if rows >= len(PROMPTS):
+        assert len(calls) <= 7 < len(PROMPTS) * 7
+
+
+def test_seeded_samples_and_stops_of_a_batch_are_each_choices_own(daemon: Daemon) -> None:
+    """Choice k of a request seeded s is what its prompt alone gives with seed s + k."""
+    daemon.swap_to(0)
+    sample = SamplingParams(max_tokens=9, temperature=1.0, seed=11)
+    together = daemon.generator.complete(PROMPTS, sample)
+    for k, prompt in enumerate(PROMPTS):
+        alone = daemon.generator.complete(
+            [prompt], SamplingParams(max_tokens=9, temperature=1.0, seed=11 + k)
+        )
+        assert together.choices[k].text == alone.choices[0].text
+    # A stop string that ends one row early leaves the others to run to their length.
+    greedy = [_greedy(daemon, p, max_tokens=12) for p in PROMPTS]
+    stop = greedy[0][3:6]
+    assert stop.strip(), f"need a visible stop string in {greedy[0]!r}"
+    result = daemon.generator.complete(
+        PROMPTS, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))
+    )
+    for text, choice in zip(greedy, result.choices, strict=True):
+        cut = text.find(stop)
+        assert choice.text == (text if cut < 0 else text[:cut])
+        if cut >= 0:
+            assert choice.finish_reason == "stop"
+    assert result.choices[0].finish_reason == "stop"
+
+
+def test_prompt_logprobs_of_a_batch_equal_each_prompt_alone(daemon: Daemon) -> None:
+    """Left padding must not shift a row's prompt log-probabilities (echo, max_tokens 0)."""
+    daemon.swap_to(0)
+    params = SamplingParams(max_tokens=0, echo=True, logprobs=1, temperature=0)
+    together = daemon.generator.complete(PROMPTS, params)
+    for prompt, choice in zip(PROMPTS, together.choices, strict=True):
+        alone = daemon.generator.complete([prompt], params).choices[0]
+        assert choice.text == prompt
+        assert choice.logprobs is not None and alone.logprobs is not None
+        assert choice.logprobs.tokens == alone.logprobs.tokens
+        assert choice.logprobs.token_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+            alone.logprobs.token_logprobs[1:], abs=1e-4
+        )
+
+
 def test_context_window_and_nan_weights_are_refused_with_their_error_types(
     daemon: Daemon,
 ) -> None:

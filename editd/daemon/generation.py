@@ -13,11 +13,14 @@ version is still served. If a swap came in between, the KV cache holds the old w
 and values and continuing would mix two versions in one answer, so the stream ends there with
 finish_reason `version_changed`: everything it sent was computed with the version it named.
 
-Decoding is `editd.editing.decoding.Decoder`, the KV-cached loop that served scoring uses too:
-one forward over the prompt, then one token per step, one row per choice; temperature 0 is its
-`greedy_token`. Sampling draws from a `torch.Generator` seeded per choice (choice k of a request
-with `seed` s uses s + k), so a request with a `seed` gives the same text on the same model
-version and device, streamed or not.
+Decoding is `editd.editing.decoding.Decoder`, the KV-cached loop that served scoring uses too.
+A request's choices (every prompt times `n`) are decoded together, up to `max_batch_rows` rows
+per forward: one left-padded forward over their prompts, then one token per step for every row
+still running. A row decodes what it would alone (position ids count its own tokens); a row
+that ended is fed its last token until its batch ends, and what comes out for it is not read.
+Temperature 0 is `greedy_token`. Sampling draws from a `torch.Generator` seeded per choice
+(choice k of a request with `seed` s uses s + k), so a request with a `seed` gives the same text
+on the same model version and device, streamed or not.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ Prompt = str | list[int]
 _CONTEXT_TOKENS = 4
 # What a byte-level tokenizer decodes an incomplete UTF-8 sequence to; held back when streaming.
 _REPLACEMENT = "\ufffd"
+# Rows decoded in one forward. More rows use the cores better, up to the point where one step's
+# activations and KV cache stop fitting in cache; 32 is the served scoring's order of batch.
+MAX_BATCH_ROWS = 32
+# Prompt log-probabilities keep every position's logits (rows × prompt length × vocabulary
+# floats): such rows are batched only up to this many bytes of logits.
+PROMPT_LOGITS_BYTES = 256 * 2**20
 
 
 class ServedModel(Protocol):
@@ -181,9 +190,18 @@ class Generator:
     store's CURRENT pointer moved together with the weights).
     """
 
-    def __init__(self, handle: ServedModel, version: Callable[[], int]):
+    def __init__(
+        self,
+        handle: ServedModel,
+        version: Callable[[], int],
+        *,
+        max_batch_rows: int = MAX_BATCH_ROWS,
+    ):
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
         self.handle = handle
         self.version = version
+        self.max_batch_rows = max_batch_rows
         tok = handle.tokenizer
         config = handle.model.config
         self.context_length: int = int(getattr(config, "max_position_embeddings", 0) or 0)
@@ -196,6 +214,9 @@ class Generator:
             eos.update(gen_eos)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.vocab_size: int = len(tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Padding is masked out of attention; any id in the vocabulary will do.
+        self.pad_id: int = int(pad) if pad is not None else 0
         self.decoder = Decoder(handle.model)
 
     # -- tokens ------------------------------------------------------------------------------
@@ -251,9 +272,9 @@ class Generator:
         decodings = self._decodings(prompts, params)
         with self.handle.reading():
             version = self.version()
-            for d in decodings:
-                while not d.done:
-                    d.step()
+            for batch in self._batches(decodings):
+                while not batch.done:
+                    batch.step()
         return Completion(
             [d.choice() for d in decodings], version, time.perf_counter() - started, params.n
         )
@@ -261,7 +282,27 @@ class Generator:
     def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Stream:
         """Start a stream: the prompts' first step runs now and pins the version it read."""
         decodings = self._decodings(prompts, params)
-        return Stream(self, decodings, params.n)
+        return Stream(self, decodings, self._batches(decodings), params.n)
+
+    def _batches(self, decodings: list[_Decoding]) -> list[_Batch]:
+        """Consecutive choices, `max_batch_rows` at most per batch (fewer with prompt logits)."""
+        batches: list[_Batch] = []
+        rows: list[_Decoding] = []
+        longest = 0
+        for d in decodings:
+            longest_with = max(longest, len(d.prompt_ids))
+            full = len(rows) >= self.max_batch_rows or (
+                d.wants_prompt_logprobs
+                and (len(rows) + 1) * longest_with * self.vocab_size * 4 > PROMPT_LOGITS_BYTES
+            )
+            if rows and full:
+                batches.append(_Batch(self, rows))
+                rows, longest_with = [], len(d.prompt_ids)
+            rows.append(d)
+            longest = longest_with
+        if rows:
+            batches.append(_Batch(self, rows))
+        return batches
 
     def _decodings(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[_Decoding]:
         encoded = [self.encode(p) for p in prompts]
@@ -314,9 +355,12 @@ class Stream:
     Not thread-safe: one caller steps it (the HTTP layer, from one worker at a time).
     """
 
-    def __init__(self, generator: Generator, decodings: list[_Decoding], n: int):
+    def __init__(
+        self, generator: Generator, decodings: list[_Decoding], batches: list[_Batch], n: int
+    ):
         self._gen = generator
         self._decodings = decodings
+        self._batches = batches
         self.n = n
         self.version: int = -1
         self.started = time.perf_counter()
@@ -337,20 +381,20 @@ class Stream:
         """The prompts' forward passes and first tokens; reads and pins the served version."""
         with self._gen.handle.reading():
             self.version = self._gen.version()
-            for d in self._decodings:
-                d.step()
+            for batch in self._batches:
+                batch.step()
         return self._deltas()
 
     def step(self) -> list[Delta]:
         """One more token for every unfinished choice, or the end if the version changed."""
         with self._gen.handle.reading():
             if self._gen.version() != self.version:
-                for d in self._decodings:
-                    d.abandon("version_changed")
+                for batch in self._batches:
+                    batch.abandon("version_changed")
             else:
-                for d in self._decodings:
-                    if not d.done:
-                        d.step()
+                for batch in self._batches:
+                    if not batch.done:
+                        batch.step()
         return self._deltas()
 
     def _deltas(self) -> list[Delta]:
@@ -362,8 +406,61 @@ class Stream:
         return deltas
 
 
+class _Batch:
+    """Choices decoded together: one KV cache, one forward per step for all of them.
+
+    Not thread-safe; the caller holds the model's read lock around each `step`.
+    """
+
+    def __init__(self, gen: Generator, decodings: list[_Decoding]):
+        self.gen = gen
+        self.decodings = decodings
+        self.rows: Rows | None = None  # the KV cache, once the prompts ran
+        self.members: list[_Decoding] = []  # the rows of `rows`, in order
+
+    @property
+    def done(self) -> bool:
+        return all(d.done for d in self.decodings)
+
+    def abandon(self, reason: FinishReason) -> None:
+        for d in self.decodings:
+            d.abandon(reason)
+        self.rows = None
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """The prompts' forward, or one more token for every row still running."""
+        if self.rows is None:
+            for d in self.decodings:
+                d.skip_if_nothing_to_compute()
+            self.members = [d for d in self.decodings if not d.done]
+            if not self.members:
+                return
+            every = any(d.wants_prompt_logprobs for d in self.members)
+            self.rows = self.gen.decoder.prefill(
+                [d.prompt_ids for d in self.members], pad_id=self.gen.pad_id, every_position=every
+            )
+            prompt_logits = self.rows.prompt_logits
+            for i, d in enumerate(self.members):
+                if prompt_logits is not None and d.wants_prompt_logprobs:
+                    d.record_prompt_logprobs(prompt_logits[i, -len(d.prompt_ids) :].float())
+                d.accept(self.rows.logits[i])
+        else:
+            running = [i for i, d in enumerate(self.members) if not d.done]
+            if not running:
+                self.rows = None
+                return
+            # A row that ended gets its last token again: what it computes is not read.
+            last = [d.generated[-1] if d.generated else d.prompt_ids[-1] for d in self.members]
+            self.rows.advance(torch.tensor(last))
+            for i in running:
+                self.members[i].accept(self.rows.logits[i])
+        if self.done:
+            self.rows = None  # the KV cache is not needed any more
+
+
 class _Decoding:
-    """One choice being generated: its KV cache, tokens, text and logprobs so far."""
+    """One choice being generated: its tokens, text and logprobs so far (its batch decodes)."""
 
     def __init__(
         self,
@@ -387,7 +484,7 @@ class _Decoding:
         self.finish: FinishReason | None = None
         self.lp: Logprobs | None = None if params.logprobs is None else Logprobs()
         self.prompt_lp: Logprobs | None = None
-        self.rows: Rows | None = None  # the KV cache, once the prompt ran
+        self.wants_prompt_logprobs = params.echo and params.logprobs is not None
         # Streaming: how much of the text and of the logprobs was handed out already.
         self._sent_text = -1  # -1: not even the echoed prompt yet
         self._sent_lp = 0
@@ -400,26 +497,19 @@ class _Decoding:
     def abandon(self, reason: FinishReason) -> None:
         if self.finish is None:
             self.finish = reason
-        self.rows = None
 
-    @torch.inference_mode()
-    def step(self) -> None:
+    def skip_if_nothing_to_compute(self) -> None:
+        """Echo with `max_tokens` 0 and no logprobs: the answer is the prompt, no forward."""
+        if self.params.max_tokens == 0 and not self.wants_prompt_logprobs:
+            self.abandon("length")
+
+    def accept(self, next_logits: torch.Tensor) -> None:
+        """Take this step's next-token logits (vocab,): choose, record, and see if it ended."""
         gen, params = self.gen, self.params
-        first = self.rows is None and not self.generated
-        prompt_logprobs = first and params.echo and params.logprobs is not None
-        if first and params.max_tokens == 0 and not prompt_logprobs:
-            self.finish = "length"
-            return
-        if self.rows is None:
-            self.rows = gen.decoder.prefill([self.prompt_ids], every_position=prompt_logprobs)
-        else:
-            self.rows.advance(torch.tensor([self.generated[-1]]))
-        if self.rows.prompt_logits is not None:
-            self._record_prompt_logprobs(self.rows.prompt_logits[0].float())
         if len(self.generated) >= params.max_tokens:
             self.abandon("length")
             return
-        logits = self.rows.logits[0].float()  # (vocab,)
+        logits = next_logits.float()  # (vocab,)
         if not torch.isfinite(logits).all():
             raise ModelCorrupted("the model produced non-finite logits")
         token = _sample(logits, params, self.rng)
@@ -458,7 +548,7 @@ class _Decoding:
             self.abandon("length")
             return
 
-    def _record_prompt_logprobs(self, logits: torch.Tensor) -> None:
+    def record_prompt_logprobs(self, logits: torch.Tensor) -> None:
         """Log-probs of each prompt token given the ones before it; `logits` is (p, vocab)."""
         gen, k = self.gen, self.params.logprobs
         ids = self.prompt_ids

@@ -26,7 +26,9 @@ class Serving:
         self.handle = model.handle
         self.metrics = metrics
         self._fatal: FatalError | None = None
-        self.generator = Generator(self.handle, self.current_version)
+        self.generator = Generator(
+            self.handle, self.current_version, max_batch_rows=settings.serve.max_batch_rows
+        )
         self._capacity_version: int | None = None
         self._capacity_lock = threading.Lock()  # two changers never interleave their gauges
         self.handle.gate_counter.listener = self._count_gate
