@@ -157,6 +157,14 @@ class EditingSettings(Section):
         description="Gated memory: C0's leading eigen-directions the gate compares keys in; "
         "empty: all of them (d_in). Each version keeps a d_in × rank projection.",
     )
+    refine_rounds: int = Field(
+        0,
+        ge=0,
+        description="Extra passes for the facts of a batch whose new object is not the greedy "
+        "answer once the update is in: each re-optimises their targets with the update "
+        "acting and solves a correction on top (the update's rank grows by those facts). "
+        "Empty: the model's profile, else 0.",
+    )
     layers: list[int] | None = Field(
         None, description="Edited layers; empty picks the early-middle MLPs of the model."
     )

@@ -4,7 +4,7 @@
 # and each method continues from its edit store. Usage:
 #   scripts/lifelong.sh EDITS [METHOD...]
 # METHOD: emmet, emmet-soft, memit, alphaedit, encore, emmet-mpes, emmet-wide, emmet-mpes-wide,
-# emmet-ridge, emmet-wide-ridge, emmet-seven, gated, gated-exact.
+# emmet-ridge, emmet-wide-ridge, emmet-seven, gated, gated-refine, gated-exact.
 # Extra settings for every method come from the environment as usual (EDITD_EDITING__...).
 # CURVE_EVERY=N measures a curve point every N edits (default 100; a point over 100 sampled edits
 # costs about twice a batch's edit, so long runs may space them out).
@@ -62,6 +62,11 @@ for method in ${methods[@]}; do
     # update acts only where one of its facts' keys is read.
     algo=emmet
     env=(EDITD_EDITING__MEMORY=gated)
+  elif [ "$method" = gated-refine ]; then
+    # The gated memory with refine passes for the facts a batch leaves short of greedy top-1
+    # (REFINE rounds, default 1).
+    algo=emmet
+    env=(EDITD_EDITING__MEMORY=gated EDITD_EDITING__REFINE_ROUNDS=${REFINE:-1})
   elif [ "$method" = gated-exact ]; then
     algo=emmet
     env=(EDITD_EDITING__MEMORY=gated EDITD_EDITING__EMMET_EPS=0)

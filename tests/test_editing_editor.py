@@ -374,3 +374,29 @@ def test_target_prefixes_reach_the_target_optimisation() -> None:
     assert config.targets.prefixes == tuple(prefixes)
     # Unset, the bare prompt the targets were tuned with.
     assert EditorConfig.from_settings(EditingSettings()).targets.prefixes == ("",)
+
+
+@pytest.mark.parametrize("memory", ["weights", "gated"])
+def test_refine_rounds_correct_the_facts_a_batch_left_short_and_hold_the_others(
+    model_dir: Path, tmp_path: Path, memory: str
+) -> None:
+    handle = ModelHandle.load(model_dir, device="cpu")
+    once = _editor(handle, tmp_path, memory=memory).compute_update(FACTS)
+    before = _all_sha(handle)
+    twice = _editor(handle, tmp_path, memory=memory, refine_rounds=2).compute_update(FACTS)
+    assert _all_sha(handle) == before
+    assert all(len(m._forward_hooks) == 0 for m in handle.model.modules())
+    refined = twice.diagnostics["refined"]
+    assert isinstance(refined, list) and 1 <= len(refined) <= 2
+    # The first pass is the one-round update; each later pass adds a correction of the rank
+    # of the facts it refined, on top of it.
+    assert refined[0] == round(len(FACTS) * (1 - once.diagnostics["post_top1"]))
+    for name, layer in twice.layers.items():
+        first = once.layers[name]
+        assert layer.left.shape[1] == len(FACTS) + sum(refined)
+        torch.testing.assert_close(layer.left[:, : len(FACTS)], first.left)
+        torch.testing.assert_close(layer.keys, first.keys)
+    assert twice.diagnostics["post_top1"] >= once.diagnostics["post_top1"]
+    if memory == "gated":
+        assert twice.gate is not None and once.gate is not None
+        assert torch.equal(twice.gate.keys, once.gate.keys)

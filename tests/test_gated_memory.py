@@ -64,6 +64,41 @@ def test_a_matching_key_gets_the_exact_write_and_a_far_key_none():
     assert served.open_blocks(near[None]).tolist() == [[True]]
 
 
+def test_the_editor_solves_against_writes_only_where_the_served_gate_opens():
+    """`update_hooks` with a gate: what the editor's own passes see is what the memory serves.
+
+    The gate module decides from its input; a later module writes at the same tokens,
+    whatever its own input is, and nowhere else.
+    """
+    from editd.editing.keys import update_hooks
+
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(D_IN, B, generator=g)
+    residuals = torch.randn(D_OUT, B, generator=g)
+    block = exact_block(1, keys, residuals)
+    right = block.layers["m"][1]
+    first = LayerUpdate(left=residuals, right=right, keys=keys)
+    later = LayerUpdate(left=torch.randn(D_OUT, B, generator=g), right=right, keys=keys)
+    hooks = update_hooks({"m": first, "n": later}, block.gate)
+
+    far = torch.randn(D_IN, generator=g)
+    far = far - keys @ torch.linalg.lstsq(keys, far).solution  # orthogonal to every key
+    x = torch.stack([far, keys[:, 2], far])[None]  # (1, 3, d_in): token 1 reads fact 2
+    out = torch.zeros(1, 3, D_OUT)
+    written = hooks["m"](out, x)
+    torch.testing.assert_close(written[0, 1], residuals[:, 2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(written[0, [0, 2]], torch.zeros(2, D_OUT))
+
+    y = torch.randn(1, 3, D_IN, generator=g)  # the later module's own inputs
+    second = hooks["n"](out, y)
+    torch.testing.assert_close(second[0, 1], later.left @ (right @ y[0, 1]))
+    assert torch.equal(second[0, [0, 2]], torch.zeros(2, D_OUT))
+
+    # Without a gate the same update writes at every token (the weight form).
+    everywhere = update_hooks({"m": first})["m"](out, x)
+    assert bool((everywhere[0, 0] != 0).any())
+
+
 def test_blocks_open_independently_and_add_where_both_open():
     g = torch.Generator().manual_seed(1)
     k1, k2 = torch.randn(D_IN, B, generator=g), torch.randn(D_IN, B, generator=g)

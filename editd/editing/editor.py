@@ -8,6 +8,12 @@ solve (solvers.py). The share is MEMIT's R / (layers left) with `split="even"`; 
 layer write (`solvers.layer_share`), so layers with more specific keys carry more. Methods
 differ only in the solver and the preservation matrix.
 
+A gated batch (`memory: gated`) is solved against its writes as the memory will serve them,
+only at tokens where its gate opens (`keys.update_hooks`). `refine_rounds` adds passes for the
+facts whose new object is still not the greedy answer once the update acts: their targets are
+optimised again with the update in, and a correction is solved on top with the batch's other
+facts held where they are.
+
 The `Editor` owns the C0 cache and each layer's `Preservation`. Computing an update reads the
 model; applying it is `editd.versions.VersionedModel.apply`'s job (durable commit, then the
 swap under the write lock), which then calls `preserve` so the editor keeps the batch's keys.
@@ -29,11 +35,12 @@ from editd import config
 from editd.editing.errors import NonFiniteUpdate, UneditableModel, UnrealisedUpdate
 from editd.editing.keys import (
     DEFAULT_PREFIXES,
+    PromptSet,
     prompt_set,
     read_after_subject,
     read_anchors,
     read_at_subject,
-    update_hook,
+    update_hooks,
 )
 from editd.editing.model import ModelHandle
 from editd.editing.solvers import (
@@ -46,6 +53,7 @@ from editd.editing.solvers import (
 from editd.editing.stats import Corpus, SecondMomentCache
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
+from editd.editing.trace import TraceDict
 from editd.facts import FactUpdate
 from editd.lowrank import EditUpdate, LayerUpdate
 from editd.memory import FORMS, Gate, embed, gate_projection
@@ -70,6 +78,8 @@ class EditorConfig:
     memory: str = _SETTINGS.memory
     gate_threshold: float = _SETTINGS.gate_threshold
     gate_rank: int | None = _SETTINGS.gate_rank  # None: d_in, the whole whitening
+    # Extra passes for the facts not greedy top-1 once the update acts (compute_update).
+    refine_rounds: int = _SETTINGS.refine_rounds
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
     site: str = _SETTINGS.site  # where keys are read and δ is added (subject.render)
     # How the residual is split over layers: "joint" (solvers.layer_share) or MEMIT's "even".
@@ -251,13 +261,18 @@ class Editor:
         written (earlier layers' updates act through hooks scoped to this call's own forward
         passes, which other threads' requests do not see). Preservation state is not changed
         either; call `preserve` once the update is applied.
+
+        With `refine_rounds`, the facts whose new object is not greedy top-1 once the update
+        acts get another pass: targets re-optimised with the update in, and a correction
+        solved on top that holds the batch's other facts where they are (zero residual at
+        their keys), so what the batch already realised stays realised.
         """
         if not batch:
             raise ValueError("empty batch")
         facts = list(batch)
         # What is solved for: one row per fact, or per object word at the prompt's last token.
         rows, owner = site_rows(facts, self.config.site)
-        timings: dict[str, float] = {"keys": 0.0, "solve": 0.0}
+        timings: dict[str, float] = {"keys": 0.0, "solve": 0.0, "targets": 0.0, "check": 0.0}
         handle = self.handle
         t0 = time.perf_counter()
         timings["stats"] = self.prepare()  # takes the read lock itself, chunk by chunk
@@ -267,67 +282,69 @@ class Editor:
             # At the prompt's last token there are no relation tokens after the site to hold.
             bare = prompt_set(handle.tokenizer, rows, ("",)) if site == "subject_last" else None
             t = time.perf_counter()
-            z0 = read_at_subject(handle, prompts, outputs=[self.last_layer])[self.last_layer]
             # BOS is held fixed in every layer, so earlier layers' updates never move it.
             anchors = read_anchors(handle, self.modules)
             timings["keys"] += time.perf_counter() - t
 
-            t = time.perf_counter()
-            targets = compute_targets(handle, rows, self.last_layer, self.config.targets, site=site)
-            timings["targets"] = time.perf_counter() - t
-            z_target = z0 + targets.delta.T  # (d, b)
-
             updates: dict[str, LayerUpdate] = {}
             per_layer: dict[str, dict[str, float]] = {}
-            n = len(self.modules)
-            joint = self.config.split == "joint"
-            for i, name in enumerate(self.modules):
+            gate: Gate | None = None
+            todo = list(range(len(rows)))
+            refined: list[int] = []
+            z_target = torch.empty(0)
+            delta_norm = torch.empty(0)
+            first_targets = None
+            for round_ in range(1 + self.config.refine_rounds):
+                if round_:
+                    refined.append(len(todo))
                 t = time.perf_counter()
-                rest = self.modules[i:] if joint else [name]
-                reads = read_at_subject(
-                    handle, prompts, inputs=rest, outputs=[self.last_layer], updates=updates
+                sub = prompt_set(
+                    handle.tokenizer, [rows[j] for j in todo], self.config.prefixes, site=site
                 )
-                keys = reads[name]  # (d_in, b)
-                missing = z_target - reads[self.last_layer]  # (d_out, b)
-                if joint:
-                    resid = layer_share(
-                        missing, [reads[m] for m in rest], [self.preservation[m] for m in rest]
-                    )
-                else:
-                    resid = missing / (n - i)
-                # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
-                # update large enough to move the subject also moved them, and on the built-in
-                # model the edited object was top-1 for 19 % of a batch instead of 88 %. So is
-                # BOS, which every position reads.
-                relation = (
-                    _fixed_keys(read_after_subject(handle, bare, name, updates=updates))
-                    if bare is not None
-                    else keys[:, :0]
-                )
-                fixed = torch.cat([relation, anchors[name]], dim=1)  # (d_in, m)
+                z0 = read_at_subject(
+                    handle, sub, outputs=[self.last_layer], updates=updates, gate=gate
+                )[self.last_layer]
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
-                sol = self._solve(
-                    torch.cat([keys, fixed], dim=1),
-                    torch.cat([resid, resid.new_zeros(resid.shape[0], fixed.shape[1])], dim=1),
-                    self.preservation[name],
+                with TraceDict(
+                    handle.model, list(edits := update_hooks(updates, gate)), edit_output=edits
+                ):
+                    targets = compute_targets(
+                        handle,
+                        [rows[j] for j in todo],
+                        self.last_layer,
+                        self.config.targets,
+                        site=site,
+                    )
+                timings["targets"] += time.perf_counter() - t
+                if first_targets is None:
+                    first_targets = targets
+                    z_target = z0 + targets.delta.T  # (d, b)
+                    delta_norm = targets.delta.norm(dim=1)
+                else:
+                    z_target[:, todo] = z0 + targets.delta.T
+                    delta_norm[todo] = targets.delta.norm(dim=1)
+                gate = self._solve_layers(
+                    prompts, bare, anchors, z_target, todo, updates, gate, per_layer, timings
                 )
-                timings["solve"] += time.perf_counter() - t
-                # Fixed keys carry zero residual, so the update still has rank ≤ b.
-                left, right = _compress(sol.left, sol.right, keys.shape[1])
-                updates[name] = LayerUpdate(
-                    left=left.float(), right=right.float(), keys=keys.float()
+                t = time.perf_counter()
+                post_prob, post_top1 = object_probability(
+                    handle, facts, edits=update_hooks(updates, gate)
                 )
-                per_layer[name] = sol.diagnostics
+                timings["check"] += time.perf_counter() - t
+                todo = [j for j in range(len(rows)) if not bool(post_top1[owner[j]])]
+                if not todo:
+                    break
 
             t = time.perf_counter()
-            final = read_at_subject(handle, prompts, outputs=[self.last_layer], updates=updates)
+            final = read_at_subject(
+                handle, prompts, outputs=[self.last_layer], updates=updates, gate=gate
+            )
             missing = (z_target - final[self.last_layer]).norm(dim=0)  # (b,)
-            wanted = targets.delta.norm(dim=1)  # (b,)
-            edits = {m: update_hook(u) for m, u in updates.items()}
-            post_prob, post_top1 = object_probability(handle, facts, edits=edits)
-            timings["check"] = time.perf_counter() - t
+            timings["check"] += time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
+        assert first_targets is not None
+        targets = first_targets
 
         for name, u in updates.items():
             if not (bool(torch.isfinite(u.left).all()) and bool(torch.isfinite(u.right).all())):
@@ -347,7 +364,8 @@ class Editor:
             "target_min_prob": _per_fact(targets.min_prob.cpu(), own, b, "amin").tolist(),
             "target_steps": _per_fact(targets.steps.float().cpu(), own, b, "amax").tolist(),
             "target_converged": float(converged.mean()),
-            "residual_norm_before": _per_fact(wanted.cpu(), own, b, "amax").tolist(),
+            "refined": refined,
+            "residual_norm_before": _per_fact(delta_norm.cpu(), own, b, "amax").tolist(),
             "residual_norm_after": _per_fact(missing.cpu(), own, b, "amax").tolist(),
             "post_prob": post_prob.tolist(),
             "post_top1": float(post_top1.float().mean()),
@@ -361,24 +379,114 @@ class Editor:
             diagnostics["post_top1"],
             timings["total"],
         )
-        return EditUpdate(layers=updates, diagnostics=diagnostics, gate=self._gate(updates))
+        if gate is not None:
+            gate = replace(gate, keys=gate.keys.cpu())
+        return EditUpdate(layers=updates, diagnostics=diagnostics, gate=gate)
+
+    def _solve_layers(
+        self,
+        prompts: PromptSet,
+        bare: PromptSet | None,
+        anchors: Mapping[str, torch.Tensor],
+        z_target: torch.Tensor,
+        todo: Sequence[int],
+        updates: dict[str, LayerUpdate],
+        gate: Gate | None,
+        per_layer: dict[str, dict[str, float]],
+        timings: dict[str, float],
+    ) -> Gate | None:
+        """Solve each edited layer in order for rows `todo`, adding to `updates` in place.
+
+        Every row's key is read with the updates so far acting (as served: `gate`); rows not
+        in `todo` are held where they are (zero residual). Returns the batch's gate, made
+        from the first layer's keys on the first pass.
+        """
+        handle = self.handle
+        n = len(self.modules)
+        joint = self.config.split == "joint"
+        idx = torch.tensor(list(todo), dtype=torch.long)
+        solving = set(todo)
+        held = torch.tensor(
+            [j for j in range(z_target.shape[1]) if j not in solving], dtype=torch.long
+        )
+        for i, name in enumerate(self.modules):
+            t = time.perf_counter()
+            rest = self.modules[i:] if joint else [name]
+            reads = read_at_subject(
+                handle, prompts, inputs=rest, outputs=[self.last_layer], updates=updates, gate=gate
+            )
+            keys = reads[name]  # (d_in, b)
+            if gate is None and i == 0:
+                # A gated batch is solved against its writes as they will be served: only
+                # where its gate opens. The gate is its keys at the first edited layer, which
+                # no write of the batch moves.
+                gate = self._gate(keys)
+            device = keys.device
+            missing = (z_target - reads[self.last_layer])[:, idx.to(device)]  # (d_out, t)
+            if joint:
+                resid = layer_share(
+                    missing,
+                    [reads[m][:, idx.to(device)] for m in rest],
+                    [self.preservation[m] for m in rest],
+                )
+            else:
+                resid = missing / (n - i)
+            # The prompt's own relation tokens are held fixed (Δ k = 0): unconstrained, an
+            # update large enough to move the subject also moved them, and on the built-in
+            # model the edited object was top-1 for 19 % of a batch instead of 88 %. So is
+            # BOS, which every position reads.
+            relation = (
+                _fixed_keys(read_after_subject(handle, bare, name, updates=updates, gate=gate))
+                if bare is not None
+                else keys[:, :0]
+            )
+            fixed = torch.cat(
+                [keys[:, held.to(device)], relation, anchors[name]], dim=1
+            )  # (d_in, m)
+            timings["keys"] += time.perf_counter() - t
+            t = time.perf_counter()
+            sol = self._solve(
+                torch.cat([keys[:, idx.to(device)], fixed], dim=1),
+                torch.cat([resid, resid.new_zeros(resid.shape[0], fixed.shape[1])], dim=1),
+                self.preservation[name],
+            )
+            timings["solve"] += time.perf_counter() - t
+            # Fixed keys carry zero residual, so the update still has rank ≤ len(todo).
+            left, right = _compress(sol.left, sol.right, len(todo))
+            before = updates.get(name)
+            if before is None:
+                updates[name] = LayerUpdate(
+                    left=left.float(), right=right.float(), keys=keys.float()
+                )
+                per_layer[name] = sol.diagnostics
+            else:
+                merged = LayerUpdate(
+                    left=torch.cat([before.left, left.float()], dim=1),
+                    right=torch.cat([before.right, right.float()], dim=0),
+                    keys=before.keys,
+                )
+                updates[name] = merged
+                per_layer[name] = {
+                    **sol.diagnostics,
+                    "update_norm": _lowrank_norm(merged.left, merged.right),
+                }
+        return gate
 
     @property
     def gated(self) -> bool:
         return self.config.memory == "gated"
 
-    def _gate(self, updates: Mapping[str, LayerUpdate]) -> Gate | None:
-        """The batch's gate when it is served through a gated memory: its facts' keys at the
-        first edited layer, embedded for comparison with each token's input there."""
+    def _gate(self, keys: torch.Tensor) -> Gate | None:
+        """The batch's gate when it is served through a gated memory: its facts' keys (d_in, b)
+        at the first edited layer, embedded for comparison with each token's input there."""
         if not self.gated:
             return None
         assert self._projection is not None  # set by prepare()
-        keys = updates[self.modules[0]].keys.T  # (b, d_in)
         return Gate(
             module=self.modules[0],
             threshold=self.config.gate_threshold,
             projection=self._projection,
-            keys=embed(keys, self._projection).cpu(),
+            keys=embed(keys.T.float(), self._projection),
         )
 
     def _refuse_oversized(
@@ -526,6 +634,12 @@ def site_rows(facts: Sequence[FactUpdate], site: str) -> tuple[list[FactUpdate],
             rows.append(fact.model_copy(update={"prompt": prompt, "target_new": word}))
             owner.append(i)
     return rows, owner
+
+
+def _lowrank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left @ right‖_F without the dense product."""
+    left, right = left.double(), right.double()
+    return float(torch.sqrt(((left.T @ left) * (right @ right.T)).sum().clamp(min=0)))
 
 
 def _per_fact(values: torch.Tensor, owner: torch.Tensor, n: int, reduce: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from editd.editing.subject import Rendered, TokenBatch, leading_special_ids, ren
 from editd.editing.trace import EditFn, TraceDict
 from editd.facts import FactUpdate
 from editd.lowrank import LayerUpdate
+from editd.memory import Gate, embed
 
 # Short, neutral openings: they vary the left context the subject is read in without steering
 # the prediction. "" keeps the bare prompt, the one users send.
@@ -67,6 +68,43 @@ def update_hook(update: LayerUpdate) -> EditFn:
     return edit
 
 
+def update_hooks(updates: Mapping[str, LayerUpdate], gate: Gate | None = None) -> dict[str, EditFn]:
+    """Output edits that add each update's effect, as it will be served.
+
+    Without `gate`, at every token (a weight delta). With one, only at the tokens where the
+    gate opens, decided from the gate module's input in each forward pass and reused by the
+    later modules, as `editd.memory` serves a block: solving a gated batch against writes that
+    act everywhere would count on help at tokens (the subject's other words, the relation)
+    that the served block never writes.
+    """
+    if gate is None:
+        return {n: update_hook(u) for n, u in updates.items()}
+    if not updates:
+        return {}
+    opened: list[torch.Tensor] = []  # this pass's decision (one forward at a time)
+
+    def decide(inp: torch.Tensor) -> None:
+        keys = gate.keys.to(device=inp.device, dtype=torch.float32)
+        sims = embed(inp, gate.projection) @ keys.T  # (n, T, b)
+        opened[:] = [(sims >= gate.threshold).any(-1, keepdim=True)]  # (n, T, 1)
+
+    def hook(update: LayerUpdate | None, decides: bool) -> EditFn:
+        def edit(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+            if decides:
+                decide(inp)
+            if update is None or not opened or not bool(opened[0].any()):
+                return out
+            left = update.left.to(device=inp.device, dtype=torch.float32)
+            right = update.right.to(device=inp.device, dtype=torch.float32)
+            extra = ((inp.float() @ right.T) @ left.T) * opened[0]
+            return out + extra.to(out.dtype)
+
+        return edit
+
+    names = {*updates, gate.module}
+    return {n: hook(updates.get(n), n == gate.module) for n in names}
+
+
 def mean_per_fact(values: torch.Tensor, fact_of_row: torch.Tensor, n_facts: int) -> torch.Tensor:
     """(n_rows, d) → (d, n_facts): the mean over each fact's rows, as columns."""
     d = values.shape[1]
@@ -102,16 +140,19 @@ def _traced_chunks(
     *,
     inputs: bool,
     outputs: bool,
+    gate: Gate | None = None,
 ) -> Iterator[tuple[TokenBatch, TraceDict]]:
-    """Each chunk of `prompts` and a trace of `modules` over it, with `updates` applied.
+    """Each chunk of `prompts` and a trace of `modules` over it, with `updates` applied
+    (where `gate` opens, when one is given: `update_hooks`).
 
     Only updates upstream of the deepest traced module can matter, and the forward stops
     after it. `prompts` must already be on the model's device.
     """
     order = finish_order(handle.model)
     deepest = max(order[n] for n in modules)
-    wanted = sorted({*modules, *(n for n in updates if order[n] <= deepest)}, key=order.__getitem__)
-    edits = {n: update_hook(u) for n, u in updates.items() if n in wanted}
+    upstream = {n: u for n, u in updates.items() if order[n] <= deepest}
+    edits = update_hooks(upstream, gate)
+    wanted = sorted({*modules, *edits}, key=order.__getitem__)
     n = prompts.batch.input_ids.shape[0]
     for lo in range(0, n, chunk_rows):
         idx = torch.arange(lo, min(n, lo + chunk_rows), device=handle.device)
@@ -136,6 +177,7 @@ def read_at_subject(
     inputs: Sequence[str] = (),
     outputs: Sequence[str] = (),
     updates: Mapping[str, LayerUpdate] | None = None,
+    gate: Gate | None = None,
     chunk_rows: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Per-fact means of module inputs/outputs at the subject token, float32, (d, n_facts).
@@ -153,6 +195,7 @@ def read_at_subject(
         chunk_rows,
         inputs=bool(inputs),
         outputs=bool(outputs),
+        gate=gate,
     )
     for sub, td in chunks:
         at = torch.arange(sub.input_ids.shape[0], device=handle.device)
@@ -173,6 +216,7 @@ def read_after_subject(
     module: str,
     *,
     updates: Mapping[str, LayerUpdate] | None = None,
+    gate: Gate | None = None,
     chunk_rows: int = 64,
 ) -> torch.Tensor:
     """Inputs of `module` at every real token after the subject, float32, (d_in, m).
@@ -184,7 +228,7 @@ def read_after_subject(
     prompts = prompts.to(handle.device)
     parts: list[torch.Tensor] = []
     chunks = _traced_chunks(
-        handle, prompts, [module], updates or {}, chunk_rows, inputs=True, outputs=False
+        handle, prompts, [module], updates or {}, chunk_rows, inputs=True, outputs=False, gate=gate
     )
     for sub, td in chunks:
         cols = torch.arange(sub.input_ids.shape[1], device=handle.device)[None, :]
