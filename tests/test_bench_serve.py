@@ -10,8 +10,10 @@ import sys
 
 def test_bench_serve_prints_a_line_per_setting_and_the_answers_agree(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "editd", "bench", "serve", "--model", "builtin"]
-        + ["--prompts", "6", "--tokens", "4", "--rows", "1,6", "--rounds", "1", "--json"],
+        [
+            *(sys.executable, "-m", "editd", "bench", "serve", "--model", "builtin"),
+            *("--prompts", "6", "--tokens", "4", "--rows", "1,6", "--rounds", "1", "--json"),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "HOME": str(tmp_path)},
