@@ -63,6 +63,8 @@ ALLOWED: dict[str, frozenset[str]] = {
         "bench": (
             "config",
             "consumers",
+            # Its generator only: `editd bench serve` times what the HTTP server runs.
+            "daemon",
             "editing",
             "exitcodes",
             "facts",
