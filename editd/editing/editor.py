@@ -298,8 +298,12 @@ class Editor:
                 if round_:
                     refined.append(len(todo))
                 t = time.perf_counter()
-                sub = prompt_set(
-                    handle.tokenizer, [rows[j] for j in todo], self.config.prefixes, site=site
+                sub = (
+                    prompt_set(
+                        handle.tokenizer, [rows[j] for j in todo], self.config.prefixes, site=site
+                    )
+                    if round_
+                    else prompts
                 )
                 z0 = read_at_subject(
                     handle, sub, outputs=[self.last_layer], updates=updates, gate=gate
