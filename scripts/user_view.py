@@ -59,7 +59,8 @@ def main() -> int:
         return answers_from_store(args)
 
     facts = draw(split(load_dataset(args.dataset), "eval"), args.facts, args.seed)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="editd-user-view-"))
+    # Absolute: the daemon and `editd publish` run with the work dir as their cwd.
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="editd-user-view-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     facts_file = work / "facts.jsonl"
     facts_file.write_text("".join(f.model_dump_json() + "\n" for f in facts))
