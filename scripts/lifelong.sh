@@ -59,9 +59,10 @@ for method in ${methods[@]}; do
       "EDITD_EDITING__LAYERS=$wide")
   elif [ "$method" = gated ]; then
     # The gated edit memory (editing.memory: gated) with the profile's EMMET: each batch's
-    # update acts only where one of its facts' keys is read.
+    # update acts only where one of its facts' keys is read. No refine round, as its curves
+    # were measured before the profile shipped one (that is gated-refine).
     algo=emmet
-    env=(EDITD_EDITING__MEMORY=gated)
+    env=(EDITD_EDITING__MEMORY=gated EDITD_EDITING__REFINE_ROUNDS=0)
   elif [ "$method" = gated-refine ]; then
     # The gated memory with refine passes for the facts a batch leaves short of greedy top-1
     # (REFINE rounds, default 1).
