@@ -420,6 +420,8 @@ class Editor:
             [j for j in range(z_target.shape[1]) if j not in solving], dtype=torch.long
         )
         first_pass = not first
+        # `first` is indexed by row, so the pass that fills it must read every row in order.
+        assert not first_pass or list(todo) == list(range(z_target.shape[1]))
         for i, name in enumerate(self.modules):
             t = time.perf_counter()
             rest = self.modules[i:] if joint else [name]
