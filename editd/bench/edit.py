@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from editd.config import Settings
+from editd.editing.errors import Uneditable
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
 from editd.facts import FactUpdate
@@ -50,6 +51,9 @@ class EditRun:
     target_prob: list[float] = field(default_factory=list)
     target_steps: list[float] = field(default_factory=list)
     post_top1: list[float] = field(default_factory=list)
+    # fact id → why its batch was refused (`reject=True`): what the daemon sends to
+    # facts.rejected.
+    rejected: dict[str, str] = field(default_factory=dict)
 
     @property
     def target_steps_mean(self) -> float:
@@ -61,8 +65,15 @@ def apply_sequentially(
     requests: Sequence[FactUpdate],
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    *,
+    reject: bool = False,
 ) -> EditRun:
-    """Edit `requests` in order, `batch_size` at a time, on top of what `model` serves."""
+    """Edit `requests` in order, `batch_size` at a time, on top of what `model` serves.
+
+    A batch the editor refuses (`Uneditable`: an update that would wreck a layer, facts with no
+    position to edit) raises, unless `reject`: then, as in the daemon, its facts are recorded
+    in `EditRun.rejected` with the reason, nothing is applied, and the next batch goes on.
+    """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     editor = model.editor
@@ -74,7 +85,17 @@ def apply_sequentially(
     for lo in range(0, len(requests), batch_size):
         batch = requests[lo : lo + batch_size]
         began = time.perf_counter()
-        update = editor.compute_update(batch)
+        try:
+            update = editor.compute_update(batch)
+        except Uneditable as exc:
+            if not reject:
+                raise
+            log.error("edit of %d facts refused: %s", len(batch), exc)
+            run.rejected.update({f.fact_id: f"edit failed: {exc}" for f in batch})
+            run.batch_seconds.append(time.perf_counter() - began)
+            if on_batch is not None:
+                on_batch(lo + len(batch), len(requests))
+            continue
         diag: dict[str, Any] = dict(update.diagnostics)
         applied = model.apply(update, batch, timings=diag.get("seconds", {}))
         run.batch_seconds.append(time.perf_counter() - began)

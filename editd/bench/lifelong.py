@@ -109,23 +109,33 @@ def run_lifelong(
     editor = make_editor(handle, settings, algo=algo)
     model = VersionedModel.open(handle, store_dir, editor=editor)
     try:
+        # Batches the editor refused, as the daemon rejects them (fact id → reason): kept
+        # beside the store, so a later sitting neither retries nor scores them as edited.
+        rejected_path = store_dir.with_name(store_dir.name + ".rejected.json")
+        rejected: dict[str, str] = (
+            json.loads(rejected_path.read_text()) if rejected_path.is_file() else {}
+        )
         applied = model.applied_fact_ids()
-        done = [f for f in requests if f.fact_id in applied]
-        todo = [f for f in requests if f.fact_id not in applied]
+        done = [f for f in requests if f.fact_id in applied or f.fact_id in rejected]
+        todo = [f for f in requests if f.fact_id not in applied and f.fact_id not in rejected]
         if done:
             log.info("resuming: %d of %d edits are in %s", len(done), len(requests), store_dir)
         points = _read_curve(curve_path)
         runs: list[EditRun] = []
         edit_seconds = sum(p.get("edit_seconds_this_point", 0.0) for p in points)
         # Facts whose editing time no point recorded (a process stopped between a commit and
-        # its point, or a curve file removed): they count in the curve, not in facts/s.
-        untimed = max(0, len(done) - (points[-1]["edits"] if points else 0))
+        # its point, a curve file removed, a store copied from another run): they count in the
+        # curve, not in facts/s. Earlier sittings' are carried in the curve's last point.
+        untimed = _untimed(points) + max(0, len(done) - (points[-1]["edits"] if points else 0))
         while todo:
             # Up to the next curve point, in whole batches.
             next_point = (len(done) // curve_every + 1) * curve_every
             chunk = todo[: max(batch_size, next_point - len(done))]
-            run = apply_sequentially(model, chunk, batch_size)
+            run = apply_sequentially(model, chunk, batch_size, reject=True)
             runs.append(run)
+            if run.rejected:
+                rejected.update(run.rejected)
+                rejected_path.write_text(json.dumps(rejected, indent=1))
             edit_seconds += run.seconds
             done += chunk
             todo = todo[len(chunk) :]
@@ -141,10 +151,12 @@ def run_lifelong(
                 "algo": algo,
                 "batch_size": batch_size,
                 "version": model.current,
-                **measure(handle, work, done),
+                "rejected": len(rejected),
+                **measure(handle, work, [f for f in done if f.fact_id not in rejected]),
                 "edit_seconds": round(edit_seconds, 1),
                 "edit_seconds_this_point": round(run.seconds, 1),
                 "facts_per_second": (len(done) - untimed) / edit_seconds if edit_seconds else None,
+                "untimed_edits": untimed,
                 **_capacity(model, editor),
                 "consolidate_seconds": consolidated,
             }
@@ -170,6 +182,7 @@ def run_lifelong(
             "algo": algo,
             "batch_size": batch_size,
             "edits": len(requests),
+            "rejected": len(rejected),
             "dataset": work.source,
             "store": str(store_dir),
             "es": scores.es,
@@ -251,6 +264,23 @@ def _capacity(model: VersionedModel, editor: Editor) -> dict[str, Any]:
         "output_drift": max((v["output_drift"] for v in layers.values()), default=0.0),
         "capacity": layers,
     }
+
+
+def _untimed(points: Sequence[dict[str, Any]]) -> int:
+    """Edits the curve so far counts but no point timed, as its last point says.
+
+    A point written before points recorded `untimed_edits` says it through its facts/s:
+    edits − facts/s × edit_seconds.
+    """
+    if not points:
+        return 0
+    last = points[-1]
+    if "untimed_edits" in last:
+        return int(last["untimed_edits"])
+    rate, seconds = last.get("facts_per_second"), last.get("edit_seconds")
+    if not rate or not seconds:
+        return 0
+    return max(0, round(last["edits"] - rate * seconds))
 
 
 def _read_curve(path: Path | None) -> list[dict[str, Any]]:
