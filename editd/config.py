@@ -157,6 +157,14 @@ class EditingSettings(Section):
         description="Gated memory: C0's leading eigen-directions the gate compares keys in; "
         "empty: all of them (d_in). Each version keeps a d_in × rank projection.",
     )
+    gate_margin: float | None = Field(
+        None,
+        ge=0,
+        description="Gated memory: per-fact thresholds. Each fact's gate opens only above "
+        "gate_threshold and above the highest similarity its key reaches on the C0 text, plus "
+        "this margin, so a key that resembles ordinary text stops opening on it. Empty: the "
+        "model's profile, else one threshold for every fact.",
+    )
     refine_rounds: int = Field(
         0,
         ge=0,

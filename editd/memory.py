@@ -41,6 +41,7 @@ import torch
 FORMS = ("weights", "gated")
 PROJECTION = "_gate.projection"  # (d_in, r) in a version's update file and on the wire
 GATE_KEYS = "_gate.facts"  # (b, r) normalised embeddings of the batch's keys
+GATE_LIMITS = "_gate.thresholds"  # (b,) per-fact thresholds, where a gate has them
 
 
 def embed(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,15 @@ class Gate:
     threshold: float
     projection: torch.Tensor
     keys: torch.Tensor
+    # Per fact (b,), each ≥ `threshold`; None: every fact opens at `threshold`. A fact whose
+    # key resembles ordinary text can be made to open only above what such text reaches.
+    thresholds: torch.Tensor | None = None
+
+    def fact_thresholds(self) -> torch.Tensor:
+        """(b,) float32: the similarity at which each fact's key opens the block."""
+        if self.thresholds is None:
+            return torch.full((self.keys.shape[0],), float(self.threshold))
+        return self.thresholds.to(torch.float32)
 
     def record(self) -> dict[str, object]:
         """What a manifest keeps of the gate beside its tensors."""
@@ -106,6 +116,10 @@ class Block:
         h.update(struct.pack("<d", float(self.gate.threshold)))
         h.update(projection_digest(self.gate.projection).encode())
         _hash_tensor(h, self.gate.keys)
+        if self.gate.thresholds is not None:
+            # Only then: a block without per-fact thresholds keeps the digest it always had.
+            h.update(b"thresholds")
+            _hash_tensor(h, self.gate.thresholds)
         for name in sorted(self.layers):
             left, right = self.layers[name]
             h.update(name.encode())
@@ -195,6 +209,7 @@ class ServedMemory:
     threshold: float
     projections: list[torch.Tensor] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
+    limits: list[torch.Tensor] = field(default_factory=list)  # (F_p,) each key's threshold
     owner: list[torch.Tensor] = field(default_factory=list)
     layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
@@ -247,6 +262,11 @@ class ServedMemory:
             served.keys.append(
                 _place(torch.cat([memory.blocks[i].gate.keys for i in members]), device)
             )
+            served.limits.append(
+                _place(
+                    torch.cat([memory.blocks[i].gate.fact_thresholds() for i in members]), device
+                )
+            )
             served.owner.append(
                 torch.cat(
                     [
@@ -266,8 +286,9 @@ class ServedMemory:
         """(N, B) bool: which blocks open at each of the N tokens of `x` (N, d_in)."""
         n_blocks = len(self.memory.blocks)
         out = torch.zeros(x.shape[0], n_blocks, dtype=torch.bool, device=x.device)
-        for proj, keys, owner in zip(self.projections, self.keys, self.owner, strict=True):
-            hits = (embed(x, proj) @ keys.T) >= self.threshold  # (N, F_p)
+        groups = zip(self.projections, self.keys, self.limits, self.owner, strict=True)
+        for proj, keys, limits, owner in groups:
+            hits = (embed(x, proj) @ keys.T) >= limits  # (N, F_p)
             if not bool(hits.any()):
                 continue
             tok, fact = hits.nonzero(as_tuple=True)

@@ -163,3 +163,42 @@ def test_a_gated_memory_serves_the_latest_value_of_a_fact_edited_twice(
         assert model.version(2).gate is not None
     assert bool(top1_again.all())
     assert float(top1_rest.float().mean()) >= 0.9
+
+
+def test_per_fact_gate_thresholds_keep_a_batch_served_and_shut_on_the_calibration_text(
+    builtin: Path, c0_cache: Path
+) -> None:
+    """`editing.gate_margin`: each fact's threshold is raised above what the C0 text reaches
+    (within [τ, 0.9]), the batch is still served, and no block opens on that text."""
+    from editd.config import EditingSettings
+    from editd.editing.gate import CEILING, text_embeddings
+    from editd.world.requests import make_requests
+
+    torch.manual_seed(0)
+    handle = ModelHandle.load(builtin, device="cpu")
+    facts = make_requests(16, seed=6)
+    config = EditorConfig.from_settings(
+        with_profile(EditingSettings(memory="gated", gate_margin=0.05), builtin, "editing")
+    )
+    editor = Editor(
+        handle, config, corpus=builtin_world_corpus(), cache_dir=c0_cache, progress=False
+    )
+    with VersionedModel.temporary(handle, editor) as model:
+        update = editor.compute_update(facts)
+        gate = update.gate
+        assert gate is not None and gate.thresholds is not None
+        assert gate.thresholds.shape == (gate.keys.shape[0],)  # one per key (row)
+        assert bool((gate.thresholds >= gate.threshold).all())
+        assert bool((gate.thresholds <= max(CEILING, gate.threshold)).all())
+        model.apply(update, facts)
+        # The threshold travels with the version and is what is served.
+        assert torch.equal(model.store.memory().blocks[-1].gate.thresholds, gate.thresholds)
+        with model.reading():
+            _, top1 = object_probability(handle, facts)
+        reference = text_embeddings(
+            handle, gate.module, gate.projection, builtin_world_corpus(), 2000
+        )
+    assert float(top1.float().mean()) >= 0.9
+    below_ceiling = gate.thresholds < CEILING
+    sims = reference @ gate.keys.T  # (n, b)
+    assert not bool((sims[:, below_ceiling] >= gate.thresholds[below_ceiling]).any())

@@ -128,6 +128,40 @@ def test_the_fingerprint_covers_factors_keys_projection_and_threshold():
     assert len({GatedMemory((b,)).fingerprint() for b in changed} | {base}) == 5
 
 
+def test_a_fact_with_its_own_threshold_opens_only_above_it():
+    """Per-fact thresholds: a fact raised above what a near key reaches stays shut there,
+    while its own key and the other facts open as before, in the served memory and in the
+    editor's own passes alike."""
+    from editd.editing.keys import update_hooks
+
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(D_IN, B, generator=g)
+    residuals = torch.randn(D_OUT, B, generator=g)
+    block = exact_block(1, keys, residuals)
+    far = torch.randn(D_IN, generator=g)
+    far = far - keys @ torch.linalg.lstsq(keys, far).solution
+    near = keys[:, 1] + 0.3 * keys[:, 1].norm() * far / far.norm()  # cosine ≈ 0.96
+    x = torch.stack([keys[:, 0], keys[:, 1], near])  # (3, d_in)
+    assert ServedMemory.build(GatedMemory((block,)), torch.device("cpu")).open_blocks(x).squeeze(
+        1
+    ).tolist() == [True, True, True]
+
+    raised = torch.tensor([0.9, 0.99, 0.9])
+    gate = Gate("m", 0.9, block.gate.projection, block.gate.keys, thresholds=raised)
+    own = Block(1, block.layers, gate)
+    served = ServedMemory.build(GatedMemory((own,)), torch.device("cpu"))
+    assert served.open_blocks(x).squeeze(1).tolist() == [True, True, False]
+    torch.testing.assert_close(gate.fact_thresholds(), raised)
+
+    update = LayerUpdate(left=residuals, right=block.layers["m"][1], keys=keys)
+    written = update_hooks({"m": update}, gate)["m"](torch.zeros(1, 3, D_OUT), x[None])
+    assert bool((written[0, :2] != 0).any(dim=1).all())
+    assert torch.equal(written[0, 2], torch.zeros(D_OUT))
+
+    # The thresholds are part of what is served: they change the fingerprint.
+    assert GatedMemory((own,)).fingerprint() != GatedMemory((block,)).fingerprint()
+
+
 def test_the_projection_whitens_the_leading_directions():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64)
@@ -159,7 +193,13 @@ def inputs_at(handle: ModelHandle, module: str, ids: torch.Tensor) -> torch.Tens
     return seen["x"][0]  # (T, d_in)
 
 
-def gated_update(handle: ModelHandle, ids: torch.Tensor, position: int, seed: int) -> EditUpdate:
+def gated_update(
+    handle: ModelHandle,
+    ids: torch.Tensor,
+    position: int,
+    seed: int,
+    thresholds: torch.Tensor | None = None,
+) -> EditUpdate:
     """A batch of one 'fact': its key is the gate module's input at `position` of `ids`."""
     names = [handle.module_name(i) for i in EDITED]
     g = torch.Generator().manual_seed(seed)
@@ -174,7 +214,7 @@ def gated_update(handle: ModelHandle, ids: torch.Tensor, position: int, seed: in
         )
     gate_key = layers[names[0]].keys.T
     projection = torch.eye(handle.weight(names[0]).shape[1])
-    gate = Gate(names[0], 0.95, projection, embed(gate_key, projection))
+    gate = Gate(names[0], 0.95, projection, embed(gate_key, projection), thresholds)
     return EditUpdate(layers=layers, gate=gate)
 
 
@@ -238,7 +278,10 @@ def test_a_replica_rebuilds_the_same_gated_memory_from_the_update_log(tmp_path):
     replica = VersionedModel.open(replica_handle, tmp_path / "replica", modules=names)
     try:
         editor.apply(gated_update(handle, text, 1, seed=1), facts(1))
-        editor.apply(gated_update(handle, text, 3, seed=2), facts(2))
+        # One version with a per-fact threshold: it travels, and is checked, with the rest.
+        limits = torch.tensor([0.97])
+        editor.apply(gated_update(handle, text, 3, seed=2, thresholds=limits), facts(2))
+        assert torch.equal(editor.store.memory().blocks[1].gate.thresholds, limits)
         source = UpdateLogSource(editor.store)
         for v in (1, 2):
             record, factors, base = decode_version(source.version_payload(v))
@@ -247,6 +290,7 @@ def test_a_replica_rebuilds_the_same_gated_memory_from_the_update_log(tmp_path):
 
         replica.follow(decode_current(source.current_payload(2, None)))
         assert replica.served_sha256() == editor.served_sha256()
+        assert torch.equal(replica.store.memory().blocks[1].gate.thresholds, limits)
         assert torch.equal(
             replica_handle.model(input_ids=text).logits, handle.model(input_ids=text).logits
         )
@@ -299,3 +343,21 @@ def test_a_store_is_served_in_the_form_it_was_made_with(tmp_path):
     )
     with pytest.raises(StoreMismatch, match="gated memory"):
         VersionedModel.open(handle, tmp_path / "store", editor=editor)
+
+
+def test_calibrated_thresholds_rise_above_what_the_reference_text_reaches():
+    from editd.editing.gate import calibrated_thresholds
+
+    g = torch.Generator().manual_seed(6)
+    keys = torch.nn.functional.normalize(torch.randn(4, D_IN, generator=g), dim=1)
+    far = torch.nn.functional.normalize(torch.randn(50, D_IN, generator=g), dim=1)
+    # Reference text: random directions, plus one token close to key 1 and one equal to key 3.
+    near = torch.nn.functional.normalize(keys[1] + 0.6 * far[0], dim=0)
+    reference = torch.cat([far, near[None], keys[3][None]])
+    limits = calibrated_thresholds(keys, reference, floor=0.6, margin=0.05, chunk=7)
+    peak = (reference @ keys.T).amax(0)
+    assert 0.6 < float(peak[1]) < 0.85
+    assert limits[0] == 0.6 and limits[2] == 0.6  # nothing near: the floor
+    torch.testing.assert_close(limits[1], peak[1] + 0.05)  # above the text it resembles
+    assert limits[3] == 0.9  # never above the ceiling: it must still open on its own subject
+    assert float(calibrated_thresholds(keys, reference[:0], 0.6, 0.05).max()) == pytest.approx(0.6)

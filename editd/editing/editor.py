@@ -33,6 +33,7 @@ import torch
 
 from editd import config
 from editd.editing.errors import NonFiniteUpdate, UneditableModel, UnrealisedUpdate
+from editd.editing.gate import calibrated_thresholds, text_embeddings
 from editd.editing.keys import (
     DEFAULT_PREFIXES,
     PromptSet,
@@ -50,7 +51,7 @@ from editd.editing.solvers import (
     layer_share,
     solve_emmet,
 )
-from editd.editing.stats import Corpus, SecondMomentCache
+from editd.editing.stats import Corpus, SecondMomentCache, default_budget
 from editd.editing.subject import SITES
 from editd.editing.targets import TargetConfig, compute_targets, object_probability
 from editd.editing.trace import TraceDict
@@ -78,6 +79,8 @@ class EditorConfig:
     memory: str = _SETTINGS.memory
     gate_threshold: float = _SETTINGS.gate_threshold
     gate_rank: int | None = _SETTINGS.gate_rank  # None: d_in, the whole whitening
+    # Per-fact thresholds above what the C0 text reaches + this margin; None: gate_threshold.
+    gate_margin: float | None = _SETTINGS.gate_margin
     # Extra passes for the facts not greedy top-1 once the update acts (compute_update).
     refine_rounds: int = _SETTINGS.refine_rounds
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
@@ -192,6 +195,8 @@ class Editor:
         self.preservation: dict[str, Preservation] = {}
         # The gated memory's projection (editd.memory.gate_projection of the gate module's C0).
         self._projection: torch.Tensor | None = None
+        # The C0 text as the gate sees it (n, r), when facts get their own thresholds.
+        self._reference: torch.Tensor | None = None
         # Keys of the live versions, kept until C0 exists to build preservation on.
         self._pending_keys: list[Mapping[str, torch.Tensor]] | None = None
         self._prepare_lock = threading.Lock()
@@ -222,6 +227,15 @@ class Editor:
         if cfg.memory == "gated":
             c0 = c0s[self.modules[0]]
             self._projection = gate_projection(c0, cfg.gate_rank or c0.shape[0])
+            if cfg.gate_margin is not None:
+                assert self._corpus is not None  # second_moments() needed it
+                self._reference = text_embeddings(
+                    self.handle,
+                    self.modules[0],
+                    self._projection,
+                    self._corpus,
+                    cfg.stats_tokens or default_budget(c0.shape[0]),
+                )
         for name, c0 in c0s.items():
             if cfg.algo == "alphaedit":
                 pres = Preservation.null_space(
@@ -496,11 +510,18 @@ class Editor:
         if not self.gated:
             return None
         assert self._projection is not None  # set by prepare()
+        embedded = embed(keys.T.float(), self._projection)
+        thresholds = None
+        if self._reference is not None and self.config.gate_margin is not None:
+            thresholds = calibrated_thresholds(
+                embedded, self._reference, self.config.gate_threshold, self.config.gate_margin
+            )
         return Gate(
             module=self.modules[0],
             threshold=self.config.gate_threshold,
             projection=self._projection,
-            keys=embed(keys.T.float(), self._projection),
+            keys=embedded,
+            thresholds=thresholds,
         )
 
     def _refuse_oversized(

@@ -13,7 +13,7 @@ where no edited subject is read, which is what wears a model down).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +112,73 @@ def choose_threshold(
 
 def _share(mask: torch.Tensor) -> float:
     return float(mask.float().mean()) if mask.numel() else 0.0
+
+
+@torch.no_grad()
+def text_embeddings(
+    handle: ModelHandle,
+    module: str,
+    projection: torch.Tensor,
+    texts: Iterable[str],
+    max_tokens: int,
+) -> torch.Tensor:
+    """The gate embeddings (`embed`) of `module`'s input at the tokens of `texts`, up to
+    `max_tokens` of them, (n, r) float32: ordinary text as the gate sees it. Reads the
+    model under its read lock."""
+    parts: list[torch.Tensor] = []
+    seen = 0
+    with handle.reading():
+        for text in _passages(texts):
+            if seen >= max_tokens:
+                break
+            (x,) = token_inputs(handle, module, [text])
+            x = x[: max_tokens - seen]
+            parts.append(embed(x, projection).cpu())
+            seen += x.shape[0]
+    if not parts:
+        raise ValueError("no text to calibrate the gate on")
+    return torch.cat(parts)
+
+
+# A raised threshold never goes above this: a fact must still open where its own subject is
+# read, and paraphrase keys sit at a median similarity of 0.93 to their fact's key (docs/gated).
+CEILING = 0.9
+
+
+def _passages(texts: Iterable[str], chars: int = 1200) -> Iterator[str]:
+    """`texts` joined into passages of about `chars` characters: one forward pass each instead
+    of one per line (a C0 corpus may be thousands of short lines)."""
+    buf: list[str] = []
+    size = 0
+    for text in texts:
+        buf.append(text)
+        size += len(text) + 1
+        if size >= chars:
+            yield "\n".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield "\n".join(buf)
+
+
+def calibrated_thresholds(
+    keys: torch.Tensor,
+    reference: torch.Tensor,
+    floor: float,
+    margin: float,
+    chunk: int = 8192,
+    ceiling: float = CEILING,
+) -> torch.Tensor:
+    """Per-fact thresholds (b,): the highest similarity of each embedded key (b, r) to the
+    `reference` text embeddings (n, r), + `margin`, kept within [floor, max(floor, ceiling)].
+
+    A key that resembles ordinary text (a generic subject, a common word's context) would
+    open its block wherever such text is read; its threshold is raised above what the
+    reference reaches, so it opens where its own subject is read and not on that text. Keys
+    no reference token comes near keep `floor`.
+    """
+    keys = keys.to(torch.float32)
+    peak = torch.full((keys.shape[0],), -1.0)
+    for lo in range(0, reference.shape[0], chunk):
+        part = reference[lo : lo + chunk].to(device=keys.device, dtype=torch.float32)
+        peak = torch.maximum(peak, (part @ keys.T).amax(0).cpu())
+    return (peak + margin).clamp(max=max(floor, ceiling)).clamp(min=floor)

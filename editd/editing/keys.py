@@ -86,7 +86,8 @@ def update_hooks(updates: Mapping[str, LayerUpdate], gate: Gate | None = None) -
     def decide(inp: torch.Tensor) -> None:
         keys = gate.keys.to(device=inp.device, dtype=torch.float32)
         sims = embed(inp, gate.projection) @ keys.T  # (n, T, b)
-        opened[:] = [(sims >= gate.threshold).any(-1, keepdim=True)]  # (n, T, 1)
+        limits = gate.fact_thresholds().to(inp.device)
+        opened[:] = [(sims >= limits).any(-1, keepdim=True)]  # (n, T, 1)
 
     def hook(update: LayerUpdate | None, decides: bool) -> EditFn:
         def edit(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:

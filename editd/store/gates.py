@@ -2,7 +2,8 @@
 and the projections kept once per store (`gates/<sha256>.safetensors`).
 
 A gated version's update file holds, beside its factors, `_gate.facts` (the batch's gate keys)
-and, in stores written before projections had files of their own, `_gate.projection` inline.
+its per-fact thresholds `_gate.thresholds` where the gate has them, and, in stores written
+before projections had files of their own, `_gate.projection` inline.
 Its manifest's `gate` record names the module, threshold, rank and the projection's digest.
 The same tensors travel on the update log (`version_factors`, `wire_gate`).
 """
@@ -14,13 +15,14 @@ from typing import Any
 
 import torch
 
-from editd.memory import GATE_KEYS, PROJECTION, Block, Gate, projection_digest
+from editd.memory import GATE_KEYS, GATE_LIMITS, PROJECTION, Block, Gate, projection_digest
 from editd.store.errors import StoreMismatch
 from editd.store.layout import Layout
 from editd.store.values import f32
 
-# The parts `Layout.read_update` returns a gate's tensors under ("projection", "facts").
-GATE_PARTS = tuple(n.rpartition(".")[2] for n in (PROJECTION, GATE_KEYS))
+# The parts `Layout.read_update` returns a gate's tensors under ("projection", "facts",
+# "thresholds").
+GATE_PARTS = tuple(n.rpartition(".")[2] for n in (PROJECTION, GATE_KEYS, GATE_LIMITS))
 
 
 def check_gate(
@@ -43,8 +45,18 @@ def check_gate(
         raise ValueError("the gate holds NaN or infinite values")
     if not 0.0 < float(gate.threshold) <= 1.0:
         raise ValueError(f"gate threshold {gate.threshold} is not in (0, 1]")
+    tensors = {PROJECTION: proj, GATE_KEYS: gkeys}
+    if gate.thresholds is not None:
+        limits = f32(gate.thresholds)
+        if tuple(limits.shape) != (gkeys.shape[0],):
+            raise ValueError(
+                f"gate thresholds {tuple(limits.shape)} do not fit {gkeys.shape[0]} keys"
+            )
+        if not bool(torch.isfinite(limits).all()) or bool((limits < gate.threshold).any()):
+            raise ValueError(f"gate thresholds must be finite and at least {gate.threshold}")
+        tensors[GATE_LIMITS] = limits
     record = {**gate.record(), "projection": projection_digest(proj)}
-    return {PROJECTION: proj, GATE_KEYS: gkeys}, record
+    return tensors, record
 
 
 def block_of(
@@ -63,6 +75,7 @@ def block_of(
             threshold=float(gate["threshold"]),
             projection=tensors[PROJECTION],
             keys=tensors[GATE_KEYS],
+            thresholds=tensors.get(GATE_LIMITS),
         ),
     )
 
@@ -78,6 +91,7 @@ def wire_gate(gate: Mapping[str, Any] | None, factors: Mapping[str, torch.Tensor
         threshold=float(gate["threshold"]),
         projection=factors[PROJECTION],
         keys=factors[GATE_KEYS],
+        thresholds=factors.get(GATE_LIMITS),
     )
 
 
