@@ -512,9 +512,11 @@ class Editor:
         assert self._projection is not None  # set by prepare()
         embedded = embed(keys.T.float(), self._projection)
         thresholds = None
-        if self._reference is not None and self.config.gate_margin is not None:
+        margin = self.config.gate_margin
+        if margin is not None:
+            assert self._reference is not None  # read by prepare() whenever a margin is set
             thresholds = calibrated_thresholds(
-                embedded, self._reference, self.config.gate_threshold, self.config.gate_margin
+                embedded, self._reference, self.config.gate_threshold, margin
             )
         return Gate(
             module=self.modules[0],
