@@ -109,8 +109,9 @@ def test_a_refused_batch_is_rejected_as_the_daemon_rejects_it_and_the_run_goes_o
     tmp_path, monkeypatch
 ):
     """An update the editor refuses (here: every batch holding one chosen fact) does not end a
-    long run: its facts are set aside with the reason, the curve says how many, later
-    batches are applied, and a later sitting neither retries nor counts them as edited."""
+    long run: as in the daemon, the batch is halved until the refusal is one fact's, that fact
+    is set aside with the reason, the curve says how many, the facts beside it and later
+    batches are applied, and a later sitting neither retries nor counts it as edited."""
     from editd.editing.editor import Editor
     from editd.editing.errors import UnrealisedUpdate
 
@@ -129,10 +130,11 @@ def test_a_refused_batch_is_rejected_as_the_daemon_rejects_it_and_the_run_goes_o
     monkeypatch.setattr(Editor, "compute_update", refusing)
     result, work, store, curve = _two_sittings(tmp_path, seed=8, batch_size=5)
     points = [json.loads(line) for line in curve.read_text().splitlines()]
-    assert [(p["edits"], p["rejected"]) for p in points] == [(10, 5), (20, 5)]
-    assert result["rejected"] == 5
-    refused = {f.fact_id for f in work.requests[5:10]}
-    assert sum(1 for ids in tried if bad in ids) == 1  # never retried
+    assert [(p["edits"], p["rejected"]) for p in points] == [(10, 1), (20, 1)]
+    assert result["rejected"] == 1
+    refused = {bad}
+    # The batch of 5, the half holding it (2 of 5), the fact alone; never again after that.
+    assert [len(ids) for ids in tried if bad in ids] == [5, 2, 1]
     reasons = json.loads((tmp_path / "store.rejected.json").read_text())
     assert set(reasons) == refused
     assert all("9 × its norm" in why for why in reasons.values())

@@ -177,19 +177,20 @@ def test_a_bug_inside_an_edit_rejects_nothing_and_the_next_run_applies_the_batch
 
 
 def test_a_refused_update_goes_to_the_outbox(service: EditService) -> None:
-    # The real editor's own refusal: an update larger than a (tiny) limit × the weight.
+    # The real editor's own refusal: an update larger than a (tiny) limit × the weight. Every
+    # part is refused too, so the batch ends in the outbox fact by fact, and nothing is served.
     editor = service.editor
     editor.config = dataclasses.replace(editor.config, max_update_ratio=1e-9)
     facts = make_requests(2, seed=9)
     service.apply_batch(facts)  # returns: the consumer may commit past it
-    [record] = service.model.store.outbox.pending()
-    assert record.kind == "edit_failed"
-    assert [f["id"] for f in record.facts] == [f.fact_id for f in facts]
-    assert "max_update_ratio" in record.reason
+    records = service.model.store.outbox.pending()
+    assert all(r.kind == "edit_failed" and r.version is None for r in records)
+    assert [f["id"] for r in records for f in r.facts] == [f.fact_id for f in facts]
+    assert all("max_update_ratio" in r.reason for r in records)
     assert _versions(service) == [] and service.is_ready()
 
 
-def test_a_poison_batch_goes_to_the_outbox_and_the_next_batch_is_applied(
+def test_a_poison_fact_goes_to_the_outbox_and_the_facts_beside_it_are_applied(
     service: EditService,
 ) -> None:
     editor = service.editor
@@ -197,14 +198,23 @@ def test_a_poison_batch_goes_to_the_outbox_and_the_next_batch_is_applied(
     poisoned = make_requests(3, seed=6)
     editor.poison = poisoned[1].fact_id
     service.apply_batch(poisoned)  # returns: the consumer may commit past it
+    # Refused whole, then halved until the refusal is one fact's: 3 → 1 + 2, 2 → 1 + 1.
+    assert editor.sizes == [3, 1, 2, 1, 1]
     [record] = service.model.store.outbox.pending()
     assert record.kind == "edit_failed" and record.version is None
-    assert [f["id"] for f in record.facts] == [f.fact_id for f in poisoned]
+    assert [f["id"] for f in record.facts] == [poisoned[1].fact_id]
     assert "NaN" in record.reason
+    assert _versions(service) == [(1, 1), (2, 1)]
+    assert service.model.applied_fact_ids() == {poisoned[0].fact_id, poisoned[2].fact_id}
+    assert service.model.served_sha256() == service.model.store.expected_sha256()
+    assert service.metrics.registry.get_sample_value("editd_facts_rejected_total") == 1
+    # Delivered again after a crash before the commit: nothing is edited twice.
+    service.apply_batch(poisoned)
+    assert _versions(service) == [(1, 1), (2, 1)]
     editor.poison = None
     good = make_requests(2, seed=7)
     service.apply_batch(good)
-    assert _versions(service) == [(1, 2)]
+    assert _versions(service) == [(1, 1), (2, 1), (3, 2)]
     assert service.is_ready()
 
 

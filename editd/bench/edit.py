@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from editd.config import Settings
-from editd.editing.errors import Uneditable
+from editd.editing.errors import Uneditable, worth_splitting
 from editd.editing.model import ModelHandle
 from editd.editing.scoring import FactLogprobs, canary_accuracy, fact_logprobs, summarize
 from editd.facts import FactUpdate
@@ -54,6 +54,7 @@ class EditRun:
     # fact id → why its batch was refused (`reject=True`): what the daemon sends to
     # facts.rejected.
     rejected: dict[str, str] = field(default_factory=dict)
+    splits: int = 0  # refused batches retried as halves (`reject=True`)
 
     @property
     def target_steps_mean(self) -> float:
@@ -71,8 +72,10 @@ def apply_sequentially(
     """Edit `requests` in order, `batch_size` at a time, on top of what `model` serves.
 
     A batch the editor refuses (`Uneditable`: an update that would wreck a layer, facts with no
-    position to edit) raises, unless `reject`: then, as in the daemon, its facts are recorded
-    in `EditRun.rejected` with the reason, nothing is applied, and the next batch goes on.
+    position to edit) raises, unless `reject`: then, as in the daemon, it is retried in halves
+    down to single facts (`worth_splitting`), each part that passes is applied as its own
+    version, the facts still refused are recorded in `EditRun.rejected` with the reason, and the
+    next batch goes on.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
@@ -81,21 +84,25 @@ def apply_sequentially(
         raise ValueError("the versioned model has no editor")
     run = EditRun()
     run.stats_seconds = editor.prepare()
-    start = time.perf_counter()
-    for lo in range(0, len(requests), batch_size):
-        batch = requests[lo : lo + batch_size]
+
+    def edit(batch: Sequence[FactUpdate]) -> None:
         began = time.perf_counter()
         try:
             update = editor.compute_update(batch)
         except Uneditable as exc:
             if not reject:
                 raise
+            run.batch_seconds.append(time.perf_counter() - began)
+            if worth_splitting(exc, len(batch)):
+                log.warning("edit of %d facts refused (%s); splitting", len(batch), exc)
+                run.splits += 1
+                half = len(batch) // 2
+                edit(batch[:half])
+                edit(batch[half:])
+                return
             log.error("edit of %d facts refused: %s", len(batch), exc)
             run.rejected.update({f.fact_id: f"edit failed: {exc}" for f in batch})
-            run.batch_seconds.append(time.perf_counter() - began)
-            if on_batch is not None:
-                on_batch(lo + len(batch), len(requests))
-            continue
+            return
         diag: dict[str, Any] = dict(update.diagnostics)
         applied = model.apply(update, batch, timings=diag.get("seconds", {}))
         run.batch_seconds.append(time.perf_counter() - began)
@@ -107,6 +114,11 @@ def apply_sequentially(
         run.target_steps += [float(n) for n in diag.get("target_steps", [])]
         run.post_top1.append(float(diag.get("post_top1", float("nan"))))
         run.batches += 1
+
+    start = time.perf_counter()
+    for lo in range(0, len(requests), batch_size):
+        batch = requests[lo : lo + batch_size]
+        edit(batch)
         if on_batch is not None:
             on_batch(lo + len(batch), len(requests))
     run.seconds = time.perf_counter() - start

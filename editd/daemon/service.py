@@ -7,8 +7,9 @@ version change goes through its `VersionedModel` (editd/versions.py), which owns
 served weights and the editor's preservation; this class decides what a failure means:
 
 - an edit the facts themselves make impossible (`editd.editing.errors.Uneditable`: an answer
-  with no token of its own, an update out of all proportion, NaNs) rejects the batch into the
-  outbox, so the consumer moves on and nothing is lost; no other exception type rejects facts;
+  with no token of its own, an update out of all proportion, NaNs) is retried in halves down to
+  single facts, and what is still refused goes into the outbox, so the consumer moves on and
+  nothing is lost; no other exception type rejects facts;
 - a batch that runs out of memory is split in halves; a device error, or out of memory on one
   fact, is fatal: the facts are fine, the device is not, and rejecting them would lose them;
 - any other error during an edit (a bug, a `LinAlgError`, a torch shape error) propagates: the
@@ -40,7 +41,7 @@ from editd.consumers.security import client_options
 from editd.consumers.updates import UpdateLogPublisher
 from editd.daemon.errors import Conflict, FatalError, NotFound, Unavailable
 from editd.daemon.serving import Serving
-from editd.editing.errors import Uneditable
+from editd.editing.errors import Uneditable, worth_splitting
 from editd.facts import FactUpdate
 from editd.monitoring.evaluator import Evaluator
 from editd.monitoring.metrics import STAGES, Metrics
@@ -314,6 +315,14 @@ class EditService(Serving):
             self._apply_locked(facts[half:], offsets)
             return
         except Uneditable as exc:
+            if worth_splitting(exc, len(facts)):
+                # Each half is applied (or split again) as its own version: one fact's refusal
+                # rejects that fact, not the batch beside it.
+                log.warning("edit of %d facts refused (%s); splitting the batch", len(facts), exc)
+                half = len(facts) // 2
+                self._apply_locked(facts[:half], offsets)
+                self._apply_locked(facts[half:], offsets)
+                return
             log.error("edit of %d facts refused: %s", len(facts), exc)
             self._reject(facts, f"edit failed: {exc}")
             return

@@ -11,6 +11,10 @@ decides which (editd/daemon/service.py):
   the facts may be fine and the code or the device is not. Rejecting them would lose valid
   facts, so the daemon stops with its exit code and the batch is replayed after the restart.
 
+A refused batch is split before anything is rejected (`worth_splitting`): a refusal is usually
+one fact's doing (an answer without a token, a target that will not converge, a key the others
+cannot be held apart from), and rejecting the whole batch would lose the facts beside it.
+
 They subclass `ValueError` so code that already caught a bad argument as a `ValueError` keeps
 working; nothing in the daemon catches `ValueError` to decide a batch's fate.
 """
@@ -38,3 +42,14 @@ class NonFiniteUpdate(Uneditable):
 class UnplaceableFact(Uneditable):
     """A fact's subject or answer has no token of its own in this tokenizer (the answer merged
     into the prompt's last token, or was cut off), so there is no position to edit at."""
+
+
+def worth_splitting(exc: Uneditable, facts: int) -> bool:
+    """Whether a refusal of `facts` facts should be retried as two halves before rejecting.
+
+    Every caller that applies batches (the daemon, the benchmarks) asks this, so that the facts
+    rejected are the ones a user would see rejected. Halving down to single facts costs about
+    twice the batch's edit per fact at fault and isolates it. `UneditableModel` is the model's
+    doing, not the facts': every part would be refused the same way.
+    """
+    return facts > 1 and not isinstance(exc, UneditableModel)
