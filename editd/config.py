@@ -165,6 +165,19 @@ class EditingSettings(Section):
         "this margin, so a key that resembles ordinary text stops opening on it. Empty: the "
         "model's profile, else one threshold for every fact.",
     )
+    gate_calibration: Path | None = Field(
+        None,
+        description="Gated memory with gate_margin: text or JSONL corpus the per-fact "
+        "thresholds are calibrated on, ideally text like what users send. Empty: the C0 "
+        "corpus. Read once per process, when the editor prepares.",
+    )
+    gate_calibration_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Gated memory with gate_margin: tokens of the calibration text read (more "
+        "text catches more of the keys that resemble it; each token holds a d_in-wide float16 "
+        "vector in memory). Empty: C0's budget.",
+    )
     refine_rounds: int = Field(
         0,
         ge=0,

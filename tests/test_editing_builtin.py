@@ -202,3 +202,39 @@ def test_per_fact_gate_thresholds_keep_a_batch_served_and_shut_on_the_calibratio
     below_ceiling = gate.thresholds < CEILING
     sims = reference @ gate.keys.T  # (n, b)
     assert not bool((sims[:, below_ceiling] >= gate.thresholds[below_ceiling]).any())
+
+
+def test_gate_thresholds_are_calibrated_on_the_configured_text(
+    builtin: Path, c0_cache: Path, tmp_path: Path
+) -> None:
+    """`editing.gate_calibration`: an operator's own text, not C0's, sets the per-fact
+    thresholds; the ones served are those that text gives (kept in half precision)."""
+    from editd.config import Settings
+    from editd.editing.gate import calibrated_thresholds, text_embeddings
+    from editd.editing.stats import Corpus
+    from editd.models.factory import make_editor
+    from editd.world.requests import make_requests
+
+    torch.manual_seed(0)
+    handle = ModelHandle.load(builtin, device="cpu")
+    facts = make_requests(16, seed=7)
+    calibration = tmp_path / "traffic.txt"
+    calibration.write_text("".join(f.prompt.format(f.subject) + "\n" for f in facts))
+    settings = Settings(
+        editing={
+            "memory": "gated",
+            "gate_margin": 0.05,
+            "gate_calibration": str(calibration),
+            "gate_calibration_tokens": 4000,
+        }
+    )
+    editor = make_editor(handle, settings, cache_dir=c0_cache, progress=False)
+    gate = editor.compute_update(facts).gate
+    assert gate is not None and gate.thresholds is not None
+
+    def calibrated_on(text: Corpus) -> torch.Tensor:
+        reference = text_embeddings(handle, gate.module, gate.projection, text, 4000)
+        return calibrated_thresholds(gate.keys, reference, gate.threshold, 0.05)
+
+    assert torch.allclose(gate.thresholds, calibrated_on(Corpus.from_path(calibration)), atol=2e-3)
+    assert not torch.allclose(gate.thresholds, calibrated_on(builtin_world_corpus()), atol=2e-3)

@@ -81,6 +81,8 @@ class EditorConfig:
     gate_rank: int | None = _SETTINGS.gate_rank  # None: d_in, the whole whitening
     # Per-fact thresholds above what the C0 text reaches + this margin; None: gate_threshold.
     gate_margin: float | None = _SETTINGS.gate_margin
+    # Tokens of calibration text the thresholds are set on; None: C0's budget.
+    gate_calibration_tokens: int | None = _SETTINGS.gate_calibration_tokens
     # Extra passes for the facts not greedy top-1 once the update acts (compute_update).
     refine_rounds: int = _SETTINGS.refine_rounds
     layers: tuple[int, ...] | None = None  # None: ModelHandle.default_layers()
@@ -166,9 +168,12 @@ class Editor:
         config: EditorConfig | None = None,
         *,
         corpus: Corpus | None = None,
+        calibration: Corpus | None = None,
         cache_dir: str | Path | None = None,
         progress: bool = True,
     ) -> None:
+        """`corpus`: the text C0 is read from. `calibration`: the text per-fact gate
+        thresholds are set on (`gate_margin`); None: `corpus`."""
         self.handle = handle
         self.config = config or EditorConfig()
         self.layers = list(self.config.layers or handle.default_layers())
@@ -186,6 +191,7 @@ class Editor:
         self.modules = [handle.module_name(i) for i in self.layers]
         self.last_layer = handle.layer_name(self.layers[-1])
         self._corpus = corpus
+        self._calibration = calibration
         self._cache = SecondMomentCache(
             Path(cache_dir) if cache_dir else Path.home() / ".cache" / "editd", progress=progress
         )
@@ -195,7 +201,7 @@ class Editor:
         self.preservation: dict[str, Preservation] = {}
         # The gated memory's projection (editd.memory.gate_projection of the gate module's C0).
         self._projection: torch.Tensor | None = None
-        # The C0 text as the gate sees it (n, r), when facts get their own thresholds.
+        # The calibration text as the gate sees it (n, r), when facts get their own thresholds.
         self._reference: torch.Tensor | None = None
         # Keys of the live versions, kept until C0 exists to build preservation on.
         self._pending_keys: list[Mapping[str, torch.Tensor]] | None = None
@@ -228,14 +234,18 @@ class Editor:
             c0 = c0s[self.modules[0]]
             self._projection = gate_projection(c0, cfg.gate_rank or c0.shape[0])
             if cfg.gate_margin is not None:
-                assert self._corpus is not None  # second_moments() needed it
+                text = self._calibration or self._corpus
+                assert text is not None  # second_moments() needed the corpus
+                budget = cfg.gate_calibration_tokens or cfg.stats_tokens
+                # Half precision: only each fact's highest similarity to it matters, and a
+                # large calibration text is the editor's largest resident tensor.
                 self._reference = text_embeddings(
                     self.handle,
                     self.modules[0],
                     self._projection,
-                    self._corpus,
-                    cfg.stats_tokens or default_budget(c0.shape[0]),
-                )
+                    text,
+                    budget or default_budget(c0.shape[0]),
+                ).half()
         for name, c0 in c0s.items():
             if cfg.algo == "alphaedit":
                 pres = Preservation.null_space(

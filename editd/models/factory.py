@@ -72,10 +72,12 @@ def make_editor(
         cache_dir=cache,
         tokens=settings.editing.stats_tokens,
     )
+    calibration = settings.editing.gate_calibration
     return Editor(
         handle,
         editor_config(handle, settings, algo),
         corpus=corpus,
+        calibration=Corpus.from_path(calibration) if calibration is not None else None,
         cache_dir=cache,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
