@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from editd.bench.edit import PERPLEXITY_TEXTS, prose_lines
 from editd.config import Settings
 from editd.editing.gate import calibrated_thresholds, text_embeddings
 from editd.models.corpus import stats_corpus
@@ -44,16 +45,15 @@ def main() -> None:
     first = gates[0]
     keys = torch.cat([g.keys.float() for g in gates])
     tau = float(first.threshold)
-    lines = (s.strip() for s in args.text.read_text(encoding="utf-8").splitlines())
-    prose = [s for s in lines if len(s.split()) >= 8 and not s.startswith("=")]
-    held = text_embeddings(handle, first.module, first.projection, prose[:200], 10**9)
+    prose = prose_lines(args.text)
+    held = text_embeddings(handle, first.module, first.projection, prose[:PERPLEXITY_TEXTS], 10**9)
     corpus = list(stats_corpus(handle, configured=None, cache_dir=Path.home() / ".cache"))
     candidates = {
         "corpus-15360": (corpus, 15360),
         "corpus-all": (corpus, 10**9),
-        "wikitext-15360": (prose[200:], 15360),
-        "wikitext-44000": (prose[200:], 44000),
-        "wikitext-88000": (prose[200:], 88000),
+        "wikitext-15360": (prose[PERPLEXITY_TEXTS:], 15360),
+        "wikitext-44000": (prose[PERPLEXITY_TEXTS:], 44000),
+        "wikitext-88000": (prose[PERPLEXITY_TEXTS:], 88000),
     }
 
     def opens(limits: torch.Tensor) -> tuple[float, int]:

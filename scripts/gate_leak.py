@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from editd.bench.edit import PERPLEXITY_TEXTS, prose_lines
 from editd.editing.gate import token_inputs
 from editd.editing.model import ModelHandle
 from editd.memory import GATE_KEYS, PROJECTION, embed
@@ -88,11 +89,10 @@ def main() -> None:
 
     keys, projection, facts, module, tau = stored_facts(args.store)
     handle = ModelHandle.load(args.model)
-    lines = (t.strip() for t in args.text.read_text(encoding="utf-8").splitlines())
-    prose = [t for t in lines if len(t.split()) >= 8 and not t.startswith("=")]
+    prose = prose_lines(args.text)
     evaluation = prose[: args.eval_texts]
     # After the benchmark's 200 perplexity texts, so calibration never sees what is scored.
-    calibration = prose[200 : 200 + args.calib_texts]
+    calibration = prose[PERPLEXITY_TEXTS : PERPLEXITY_TEXTS + args.calib_texts]
     canary = list(canary_prompts())
 
     sims_eval = best_match(handle, module, evaluation, projection, keys)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from editd.bench.edit import dataset_workload
+from editd.bench.edit import PERPLEXITY_TEXTS, dataset_workload, prose_lines
 from editd.bench.lifelong import measure
 from editd.config import Settings
 from editd.editing.gate import calibrated_thresholds, text_embeddings
@@ -76,9 +76,8 @@ def main() -> None:
         cache = Path(settings.model.cache_dir) if settings.model.cache_dir else None
         texts = stats_corpus(handle, configured=None, cache_dir=cache or Path.home() / ".cache")
     else:
-        lines = (s.strip() for s in args.text.read_text(encoding="utf-8").splitlines())
-        prose = [s for s in lines if len(s.split()) >= 8 and not s.startswith("=")]
-        texts = prose[200:]
+        prose = prose_lines(args.text)
+        texts = prose[PERPLEXITY_TEXTS:]
     gate = memory.blocks[0].gate
     reference = text_embeddings(handle, gate.module, gate.projection, texts, args.calib_tokens)
     calib_seconds = time.perf_counter() - t

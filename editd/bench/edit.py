@@ -54,7 +54,6 @@ class EditRun:
     # fact id → why its batch was refused (`reject=True`): what the daemon sends to
     # facts.rejected.
     rejected: dict[str, str] = field(default_factory=dict)
-    splits: int = 0  # refused batches retried as halves (`reject=True`)
 
     @property
     def target_steps_mean(self) -> float:
@@ -95,7 +94,6 @@ def apply_sequentially(
             run.batch_seconds.append(time.perf_counter() - began)
             if worth_splitting(exc, len(batch)):
                 log.warning("edit of %d facts refused (%s); splitting", len(batch), exc)
-                run.splits += 1
                 half = len(batch) // 2
                 edit(batch[:half])
                 edit(batch[half:])
@@ -211,13 +209,15 @@ def dataset_workload(
         prompts, objects = canary_pairs(handle.model, handle.tokenizer, canary_prompts())
         scored = fact_logprobs(handle.model, handle.tokenizer, others)
     known = [f for f, lp in zip(others, scored, strict=True) if prefers_true(lp)][:KNOWN_FACTS]
-    texts: list[str] = []
-    if text is not None:
-        lines = (t.strip() for t in Path(text).read_text(encoding="utf-8").splitlines())
-        # WikiText's heading lines (" = Title = ") are not prose.
-        texts = [t for t in lines if len(t.split()) >= 8 and not t.startswith("=")]
-        texts = texts[:PERPLEXITY_TEXTS]
+    texts = prose_lines(text)[:PERPLEXITY_TEXTS] if text is not None else []
     return Workload(requests, prompts, objects, known, texts, source=str(dataset))
+
+
+def prose_lines(path: str | Path) -> list[str]:
+    """A WikiText-style file's prose: lines of 8 words or more, without the " = Title = "
+    headings. The first `PERPLEXITY_TEXTS` are what the benchmarks score perplexity on."""
+    lines = (t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines())
+    return [t for t in lines if len(t.split()) >= 8 and not t.startswith("=")]
 
 
 def prefers_true(lp: FactLogprobs) -> bool:
